@@ -1,0 +1,112 @@
+//! Invites an inviter has handed out: single-use, expiring tokens.
+//!
+//! Redeeming is idempotent for the peer that first redeemed a token, so a joiner whose answer
+//! was lost in transit can ask again; any other peer is refused with "already used".
+
+use blendnet_proto::wire::Refusal;
+use blendnet_proto::{PeerId, Roles, Token, UnixTime};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// How long an expired or used invite is remembered, so that a late redemption gets the
+/// precise refusal ("expired", "already used") rather than "unknown".
+pub const FORGET_AFTER_SECS: u64 = 7 * 24 * 3600;
+
+/// One invite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invite {
+    pub roles: Roles,
+    pub expires_at: UnixTime,
+    /// The peer that redeemed it, once it has been.
+    pub used_by: Option<PeerId>,
+}
+
+/// The invites of one inviter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invites {
+    invites: BTreeMap<Token, Invite>,
+}
+
+impl Invites {
+    /// Records a new invite.
+    pub fn issue(&mut self, token: Token, roles: Roles, expires_at: UnixTime) {
+        self.invites.insert(
+            token,
+            Invite {
+                roles,
+                expires_at,
+                used_by: None,
+            },
+        );
+    }
+
+    /// Redeems `token` for `peer` at `now`, returning the roles to certify.
+    pub fn redeem(&mut self, token: &Token, peer: PeerId, now: UnixTime) -> Result<Roles, Refusal> {
+        let invite = self.invites.get_mut(token).ok_or(Refusal::UnknownToken)?;
+        match invite.used_by {
+            Some(p) if p == peer => return Ok(invite.roles),
+            Some(_) => return Err(Refusal::AlreadyUsed),
+            None => {}
+        }
+        if now > invite.expires_at {
+            return Err(Refusal::Expired);
+        }
+        invite.used_by = Some(peer);
+        Ok(invite.roles)
+    }
+
+    /// Whether any invite can still be redeemed at `now`: only then do we let unknown peers
+    /// connect long enough to redeem one.
+    pub fn any_open(&self, now: UnixTime) -> bool {
+        self.invites
+            .values()
+            .any(|i| i.used_by.is_none() && now <= i.expires_at)
+    }
+
+    /// Forgets invites that expired more than [`FORGET_AFTER_SECS`] ago.
+    pub fn prune(&mut self, now: UnixTime) {
+        self.invites
+            .retain(|_, i| now <= i.expires_at.saturating_add(FORGET_AFTER_SECS));
+    }
+
+    /// How many invites are remembered.
+    pub fn len(&self) -> usize {
+        self.invites.len()
+    }
+
+    /// Whether no invite is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.invites.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invite_is_single_use_expires_and_retries_are_idempotent() {
+        let mut inv = Invites::default();
+        let t = Token([1; 16]);
+        inv.issue(t, Roles::default_member(), 100);
+        assert!(inv.any_open(50));
+        let a = PeerId::random();
+        assert_eq!(inv.redeem(&t, a, 50), Ok(Roles::default_member()));
+        assert_eq!(inv.redeem(&t, a, 60), Ok(Roles::default_member()));
+        assert_eq!(
+            inv.redeem(&t, PeerId::random(), 60),
+            Err(Refusal::AlreadyUsed)
+        );
+        assert!(!inv.any_open(50));
+
+        let t2 = Token([2; 16]);
+        inv.issue(t2, Roles::default_member(), 100);
+        assert_eq!(inv.redeem(&t2, a, 101), Err(Refusal::Expired));
+        assert_eq!(
+            inv.redeem(&Token([3; 16]), a, 0),
+            Err(Refusal::UnknownToken)
+        );
+        inv.prune(100 + FORGET_AFTER_SECS + 1);
+        assert!(inv.is_empty());
+    }
+}

@@ -1,0 +1,768 @@
+//! The local HTTP API (DESIGN §10): how the CLI, the Blender add-on and (later) a web page talk
+//! to their daemon.
+//!
+//! The server listens on a loopback address only. It knows nothing of the node's actors: every
+//! route calls a [`Backend`], which the daemon implements by sending a message to the node
+//! actor and awaiting the reply. The server owns only the bearer token.
+//!
+//! Discovery: after binding, the daemon calls [`publish`], which writes `<data dir>/api.token`
+//! (mode 0600) and then `<data dir>/api.addr` (`IP:PORT` and a newline). Clients wait for
+//! `api.addr`, so it is written last; both files are written atomically. [`unpublish`] removes
+//! `api.addr` on exit.
+//!
+//! Wire format: JSON bodies, `Content-Type: application/json`. Every request carries
+//! `Authorization: Bearer <token>`; without it, or with a wrong token, the answer is 401. Every
+//! error is a JSON object `{"error": "<message a person can act on>"}`.
+//!
+//! | route | request | response |
+//! |---|---|---|
+//! | `GET /v1/status` | – | [`StatusView`] |
+//! | `GET /v1/peers?pending=true\|false` | – (default `false`) | JSON array of peers |
+//! | `POST /v1/invites` | [`InviteRequest`] | [`InviteView`] |
+//! | `POST /v1/admit` | [`AdmitRequest`] | [`PeerRef`] |
+//! | `POST /v1/revoke` | [`RevokeRequest`] | [`PeerRef`] |
+//!
+//! Status codes: 400 bad request (malformed JSON, wrong fields, a value the backend refuses),
+//! 401 missing or wrong token, 404 unknown route or thing, 405 wrong method, 409 conflict, 413
+//! body over [`MAX_BODY_BYTES`], 415 body without the JSON content type, 500 internal, 503 the
+//! node cannot answer now (starting, shutting down).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+
+use crate::data_dir::{self, DataDir, WriteError};
+
+/// Largest request body accepted. Requests are a few small fields; the bound stops a local
+/// process from making the daemon buffer an arbitrary amount of memory (DESIGN §11).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Length of the API token in random bytes (hex-encoded, so twice as many characters).
+/// 256 bits: not guessable, whatever the rate of tries.
+pub const TOKEN_BYTES: usize = 32;
+
+/// What the node reports about itself: `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    /// This node's libp2p peer id.
+    pub peer_id: String,
+    /// A short fingerprint of the peer id that people compare by eye when admitting.
+    pub fingerprint: String,
+    /// The mesh this node belongs to, if any.
+    pub mesh_id: Option<String>,
+    /// Whether this node holds a valid member certificate.
+    pub member: bool,
+    /// `pending` (in no mesh), `joining` (redeeming an invite), `member` or `revoked`.
+    pub state: String,
+    /// The roles of its certificate (`submit`, `render`, `coordinate`, `provision`).
+    pub roles: Vec<String>,
+    /// Addresses it listens on for peers.
+    pub listen_addrs: Vec<String>,
+    /// Connected peers.
+    pub peer_count: usize,
+    /// The daemon's version.
+    pub version: String,
+    /// The data directory.
+    pub data_dir: String,
+}
+
+/// `POST /v1/invites`: make a single-use invite code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InviteRequest {
+    /// How long the code stays valid, in seconds.
+    pub ttl_secs: u64,
+    /// Roles the joining peer receives.
+    pub roles: Vec<String>,
+}
+
+/// An invite code and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteView {
+    /// The code to give to `blendnet join`.
+    pub code: String,
+    /// Expiry, in seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+/// `POST /v1/admit`: admit a pending peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmitRequest {
+    /// The fingerprint shown for the pending peer (or a unique prefix of its peer id).
+    pub fingerprint: String,
+}
+
+/// `POST /v1/revoke`: revoke a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// The peer id or fingerprint of the member.
+    pub peer: String,
+}
+
+/// A peer an operation acted on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRef {
+    /// Its peer id.
+    pub peer_id: String,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+}
+
+/// An error a [`Backend`] returns; each variant is one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The request is wrong (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The thing asked for does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The node cannot answer now: starting, shutting down, its actor is gone (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status this error is sent with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        error_response(status, self.to_string())
+    }
+}
+
+/// What the API needs from the node. The daemon implements it on a cloneable handle to its
+/// node actor; tests implement it with canned answers.
+///
+/// The server may drop a returned future before it completes (the client went away), so the
+/// futures should be cancel-safe: a request already sent to an actor simply has its reply
+/// discarded.
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// `GET /v1/status`.
+    fn status(&self) -> impl Future<Output = Result<StatusView, ApiError>> + Send;
+    /// `GET /v1/peers`: connected and known peers, or with `pending` the peers waiting to be
+    /// admitted. A JSON array.
+    fn peers(
+        &self,
+        pending: bool,
+    ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+    /// `POST /v1/invites`.
+    fn invite(
+        &self,
+        req: InviteRequest,
+    ) -> impl Future<Output = Result<InviteView, ApiError>> + Send;
+    /// `POST /v1/admit`.
+    fn admit(&self, req: AdmitRequest) -> impl Future<Output = Result<PeerRef, ApiError>> + Send;
+    /// `POST /v1/revoke`.
+    fn revoke(&self, req: RevokeRequest) -> impl Future<Output = Result<PeerRef, ApiError>> + Send;
+}
+
+/// A new random API token: [`TOKEN_BYTES`] bytes from the OS-seeded CSPRNG, hex-encoded.
+pub fn new_token() -> String {
+    let bytes: [u8; TOKEN_BYTES] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The API's routes, with the token check and the body limit, over `backend`.
+pub fn router<B: Backend>(token: String, backend: B) -> Router {
+    let token: Arc<str> = Arc::from(token);
+    Router::new()
+        .route("/v1/status", get(status::<B>))
+        .route("/v1/peers", get(peers::<B>))
+        .route("/v1/invites", post(invite::<B>))
+        .route("/v1/admit", post(admit::<B>))
+        .route("/v1/revoke", post(revoke::<B>))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(backend)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Outermost: nothing runs, not even body parsing, before the token is checked.
+        .layer(middleware::from_fn_with_state(token, require_token))
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then stops accepting and waits for
+/// requests in flight to finish (graceful shutdown).
+///
+/// Cancelling the returned future drops every connection at once.
+pub async fn serve<B: Backend>(
+    listener: tokio::net::TcpListener,
+    token: String,
+    backend: B,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(token, backend))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Makes a running API discoverable: writes `api.token` (mode 0600), then `api.addr`, both
+/// atomically. Call it after the listener is bound and after the data directory's state is
+/// opened (which guarantees no other daemon uses the directory). Blocking (fsyncs).
+pub fn publish(data_dir: &DataDir, addr: SocketAddr, token: &str) -> Result<(), WriteError> {
+    data_dir::write_atomic(
+        &data_dir.api_token(),
+        format!("{token}\n").as_bytes(),
+        data_dir::SECRET_MODE,
+    )?;
+    data_dir::write_atomic(
+        &data_dir.api_addr(),
+        format!("{addr}\n").as_bytes(),
+        data_dir::PUBLIC_MODE,
+    )
+}
+
+/// Removes `api.addr` on exit, if it still names `addr` (so a later daemon's file is never
+/// removed). A missing file is fine. The token file stays; the next daemon replaces it.
+pub fn unpublish(data_dir: &DataDir, addr: SocketAddr) -> std::io::Result<()> {
+    let path = data_dir.api_addr();
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim() == addr.to_string() => std::fs::remove_file(&path),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn error_response(status: StatusCode, error: String) -> Response {
+    (status, axum::Json(ErrorBody { error })).into_response()
+}
+
+fn reply<T: Serialize>(result: Result<T, ApiError>) -> Response {
+    match result {
+        Ok(value) => axum::Json(value).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A body axum could not take: keeps its status (413, 415) except that JSON of the wrong shape
+/// is a plain 400 like malformed JSON; the message is serde's.
+fn json_rejection(rejection: JsonRejection) -> Response {
+    let status = match rejection.status() {
+        StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+        status => status,
+    };
+    error_response(status, rejection.body_text())
+}
+
+fn query_rejection(rejection: QueryRejection) -> Response {
+    error_response(StatusCode::BAD_REQUEST, rejection.body_text())
+}
+
+async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return unauthorized(
+            "missing `Authorization: Bearer <token>` header; the token is in api.token in the \
+             daemon's data directory",
+        );
+    };
+    let given = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match given {
+        None => unauthorized("malformed Authorization header: expected `Bearer <token>`"),
+        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => next.run(req).await,
+        Some(_) => unauthorized(
+            "wrong API token; use the one in api.token in the daemon's data directory (it \
+             changes each time the daemon starts)",
+        ),
+    }
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response = error_response(StatusCode::UNAUTHORIZED, message.to_owned());
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guessed token
+/// was right. (The length is not secret: every token has the same one.)
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+async fn not_found(req: Request) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        format!("no such API route: {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeersQuery {
+    #[serde(default)]
+    pending: bool,
+}
+
+async fn status<B: Backend>(State(backend): State<B>) -> Response {
+    reply(backend.status().await)
+}
+
+async fn peers<B: Backend>(
+    State(backend): State<B>,
+    query: Result<Query<PeersQuery>, QueryRejection>,
+) -> Response {
+    match query {
+        Ok(Query(q)) => reply(backend.peers(q.pending).await),
+        Err(rejection) => query_rejection(rejection),
+    }
+}
+
+async fn invite<B: Backend>(
+    State(backend): State<B>,
+    body: Result<axum::Json<InviteRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(axum::Json(req)) => reply(backend.invite(req).await),
+        Err(rejection) => json_rejection(rejection),
+    }
+}
+
+async fn admit<B: Backend>(
+    State(backend): State<B>,
+    body: Result<axum::Json<AdmitRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(axum::Json(req)) => reply(backend.admit(req).await),
+        Err(rejection) => json_rejection(rejection),
+    }
+}
+
+async fn revoke<B: Backend>(
+    State(backend): State<B>,
+    body: Result<axum::Json<RevokeRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(axum::Json(req)) => reply(backend.revoke(req).await),
+        Err(rejection) => json_rejection(rejection),
+    }
+}
+
+/// A backend with canned answers, shared by the tests of this module and of `client`.
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+
+    /// Answers depend on the request, so tests can reach every error variant.
+    #[derive(Debug, Clone)]
+    pub(crate) struct FakeBackend;
+
+    impl Backend for FakeBackend {
+        async fn status(&self) -> Result<StatusView, ApiError> {
+            Ok(StatusView {
+                peer_id: "12D3KooWFake".into(),
+                fingerprint: "ABCD-EFGH".into(),
+                mesh_id: Some("mesh1".into()),
+                member: true,
+                state: "member".into(),
+                roles: vec!["submit".into(), "render".into()],
+                listen_addrs: vec!["/ip4/127.0.0.1/tcp/7741".into()],
+                peer_count: 2,
+                version: "0.1.0".into(),
+                data_dir: "/tmp/x".into(),
+            })
+        }
+
+        async fn peers(&self, pending: bool) -> Result<serde_json::Value, ApiError> {
+            Ok(serde_json::json!([{ "peer_id": "p1", "pending": pending }]))
+        }
+
+        async fn invite(&self, req: InviteRequest) -> Result<InviteView, ApiError> {
+            if req.ttl_secs == 0 {
+                return Err(ApiError::BadRequest("ttl_secs must be positive".into()));
+            }
+            Ok(InviteView {
+                code: format!("code:{}", req.roles.join(",")),
+                expires_at: 1_000 + req.ttl_secs,
+            })
+        }
+
+        async fn admit(&self, req: AdmitRequest) -> Result<PeerRef, ApiError> {
+            match req.fingerprint.as_str() {
+                "missing" => Err(ApiError::NotFound("no pending peer".into())),
+                "member" => Err(ApiError::Conflict("already a member".into())),
+                "starting" => Err(ApiError::Unavailable("node is starting".into())),
+                "bug" => Err(ApiError::Internal("actor gone".into())),
+                fp => Ok(PeerRef {
+                    peer_id: format!("peer-{fp}"),
+                }),
+            }
+        }
+
+        async fn revoke(&self, req: RevokeRequest) -> Result<PeerRef, ApiError> {
+            Ok(PeerRef { peer_id: req.peer })
+        }
+    }
+
+    /// Serves [`FakeBackend`] on a free loopback port until the returned sender is dropped.
+    pub(crate) async fn spawn(
+        token: &str,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, token.to_owned(), FakeBackend, async move {
+            let _ = stopped.await;
+        }));
+        (addr, stop, task)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const TOKEN: &str = "0123456789abcdef";
+
+    /// Bounds every wait of these tests.
+    const TEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// One raw HTTP/1.1 exchange, so the tests control every header and byte.
+    async fn raw(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> (u16, String, serde_json::Value) {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if let Some(auth) = auth {
+            req.push_str(&format!("Authorization: {auth}\r\n"));
+        }
+        if let Some(body) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body.unwrap_or_default());
+
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(&bytes).await.unwrap();
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).await.unwrap();
+            response
+        };
+        let response = tokio::time::timeout(TEST_TIMEOUT, exchange).await.unwrap();
+        let text = String::from_utf8(response).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+        (status, head.to_owned(), json)
+    }
+
+    fn bearer() -> String {
+        format!("Bearer {TOKEN}")
+    }
+
+    #[tokio::test]
+    async fn token_is_required() {
+        let (addr, _stop, _task) = fake::spawn(TOKEN).await;
+
+        let (status, head, body) = raw(addr, "GET", "/v1/status", None, None).await;
+        assert_eq!(status, 401);
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: bearer")
+        );
+        assert!(
+            body["error"].as_str().unwrap().contains("missing"),
+            "{body}"
+        );
+
+        let (status, _, body) = raw(addr, "GET", "/v1/status", Some("Bearer nope"), None).await;
+        assert_eq!(status, 401);
+        assert!(body["error"].as_str().unwrap().contains("wrong"), "{body}");
+
+        // Right length, one character off.
+        let almost = format!("Bearer {}0", &TOKEN[..TOKEN.len() - 1]);
+        let (status, _, _) = raw(addr, "GET", "/v1/status", Some(&almost), None).await;
+        assert_eq!(status, 401);
+
+        let (status, _, body) = raw(addr, "GET", "/v1/status", Some(TOKEN), None).await;
+        assert_eq!(status, 401);
+        assert!(
+            body["error"].as_str().unwrap().contains("malformed"),
+            "{body}"
+        );
+
+        // Even an unknown route does not tell an unauthenticated caller anything.
+        let (status, _, _) = raw(addr, "GET", "/v1/nothing", None, None).await;
+        assert_eq!(status, 401);
+        // POST bodies are not parsed before the token is checked.
+        let (status, _, _) = raw(addr, "POST", "/v1/admit", None, Some(b"{")).await;
+        assert_eq!(status, 401);
+    }
+
+    #[tokio::test]
+    async fn right_token_gets_answers() {
+        let (addr, _stop, _task) = fake::spawn(TOKEN).await;
+        let (status, _, body) = raw(addr, "GET", "/v1/status", Some(&bearer()), None).await;
+        assert_eq!(status, 200);
+        let view: StatusView = serde_json::from_value(body).unwrap();
+        assert_eq!(view.peer_id, "12D3KooWFake");
+        assert_eq!(view.peer_count, 2);
+
+        // Scheme is case-insensitive.
+        let lower = format!("bearer {TOKEN}");
+        let (status, _, _) = raw(addr, "GET", "/v1/status", Some(&lower), None).await;
+        assert_eq!(status, 200);
+
+        let (status, _, body) = raw(addr, "GET", "/v1/peers", Some(&bearer()), None).await;
+        assert_eq!(status, 200);
+        assert_eq!(body[0]["pending"], false);
+        let (_, _, body) = raw(addr, "GET", "/v1/peers?pending=true", Some(&bearer()), None).await;
+        assert_eq!(body[0]["pending"], true);
+        let (status, _, _) = raw(
+            addr,
+            "GET",
+            "/v1/peers?pending=maybe",
+            Some(&bearer()),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400);
+
+        let (status, _, body) = raw(
+            addr,
+            "POST",
+            "/v1/invites",
+            Some(&bearer()),
+            Some(br#"{"ttl_secs": 60, "roles": ["render", "submit"]}"#),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let view: InviteView = serde_json::from_value(body).unwrap();
+        assert_eq!(view.code, "code:render,submit");
+        assert_eq!(view.expires_at, 1_060);
+
+        let (status, _, body) = raw(
+            addr,
+            "POST",
+            "/v1/revoke",
+            Some(&bearer()),
+            Some(br#"{"peer": "12D3KooWX"}"#),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(body["peer_id"], "12D3KooWX");
+    }
+
+    #[tokio::test]
+    async fn bad_bodies_are_400_with_serde_message() {
+        let (addr, _stop, _task) = fake::spawn(TOKEN).await;
+        let (status, _, body) = raw(
+            addr,
+            "POST",
+            "/v1/admit",
+            Some(&bearer()),
+            Some(b"{\"finger"),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(body["error"].is_string(), "{body}");
+
+        // Well-formed JSON of the wrong shape.
+        let (status, _, body) = raw(
+            addr,
+            "POST",
+            "/v1/admit",
+            Some(&bearer()),
+            Some(br#"{"fingerprint": 5}"#),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(
+            body["error"].as_str().unwrap().contains("invalid type"),
+            "{body}"
+        );
+
+        let (status, _, body) = raw(
+            addr,
+            "POST",
+            "/v1/admit",
+            Some(&bearer()),
+            Some(br#"{"fingerprint": "a", "extra": 1}"#),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(body["error"].as_str().unwrap().contains("extra"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn oversize_body_is_413() {
+        let (addr, _stop, _task) = fake::spawn(TOKEN).await;
+        let mut big = br#"{"fingerprint": ""#.to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_BODY_BYTES));
+        big.extend_from_slice(br#""}"#);
+        let (status, _, body) = raw(addr, "POST", "/v1/admit", Some(&bearer()), Some(&big)).await;
+        assert_eq!(status, 413);
+        assert!(body["error"].is_string(), "{body}");
+
+        // Just under the limit is accepted.
+        let mut ok = br#"{"fingerprint": ""#.to_vec();
+        ok.extend(std::iter::repeat_n(b'a', MAX_BODY_BYTES - 64));
+        ok.extend_from_slice(br#""}"#);
+        let (status, _, _) = raw(addr, "POST", "/v1/admit", Some(&bearer()), Some(&ok)).await;
+        assert_eq!(status, 200);
+    }
+
+    #[tokio::test]
+    async fn backend_errors_map_to_statuses() {
+        let (addr, _stop, _task) = fake::spawn(TOKEN).await;
+        for (fingerprint, want, text) in [
+            ("missing", 404, "no pending peer"),
+            ("member", 409, "already a member"),
+            ("starting", 503, "node is starting"),
+            ("bug", 500, "actor gone"),
+        ] {
+            let body = format!(r#"{{"fingerprint": "{fingerprint}"}}"#);
+            let (status, _, json) = raw(
+                addr,
+                "POST",
+                "/v1/admit",
+                Some(&bearer()),
+                Some(body.as_bytes()),
+            )
+            .await;
+            assert_eq!(status, want, "{fingerprint}");
+            assert_eq!(json["error"], text);
+        }
+        let (status, _, json) = raw(
+            addr,
+            "POST",
+            "/v1/invites",
+            Some(&bearer()),
+            Some(br#"{"ttl_secs": 0, "roles": []}"#),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(json["error"], "ttl_secs must be positive");
+    }
+
+    #[tokio::test]
+    async fn unknown_route_and_method_are_json_errors() {
+        let (addr, _stop, _task) = fake::spawn(TOKEN).await;
+        let (status, _, body) = raw(addr, "GET", "/v1/nothing", Some(&bearer()), None).await;
+        assert_eq!(status, 404);
+        assert!(body["error"].as_str().unwrap().contains("/v1/nothing"));
+        let (status, _, body) = raw(addr, "GET", "/v1/admit", Some(&bearer()), None).await;
+        assert_eq!(status, 405);
+        assert!(body["error"].is_string());
+    }
+
+    #[tokio::test]
+    async fn graceful_shutdown_ends_serve() {
+        let (_addr, stop, task) = fake::spawn(TOKEN).await;
+        drop(stop);
+        let result = tokio::time::timeout(TEST_TIMEOUT, task).await.unwrap();
+        result.unwrap().unwrap();
+    }
+
+    #[test]
+    fn tokens_are_random_hex() {
+        let a = new_token();
+        let b = new_token();
+        assert_eq!(a.len(), TOKEN_BYTES * 2);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn constant_time_eq_is_eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn publish_writes_token_then_addr_and_unpublish_removes_addr() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        let addr: SocketAddr = "127.0.0.1:4567".parse().unwrap();
+        publish(&dir, addr, "tok").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.api_addr()).unwrap(),
+            "127.0.0.1:4567\n"
+        );
+        assert_eq!(
+            String::from_utf8(data_dir::read_secret(&dir.api_token()).unwrap()).unwrap(),
+            "tok\n"
+        );
+        let mode = std::fs::metadata(dir.api_token())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // Another daemon's address is left alone.
+        unpublish(&dir, "127.0.0.1:1".parse().unwrap()).unwrap();
+        assert!(dir.api_addr().exists());
+        unpublish(&dir, addr).unwrap();
+        assert!(!dir.api_addr().exists());
+        // Twice is fine.
+        unpublish(&dir, addr).unwrap();
+    }
+}

@@ -1,0 +1,660 @@
+//! Node configuration: `<data dir>/blendnet.toml`, then command-line flags on top.
+//!
+//! The file is optional; a missing file means every default. Every key is optional. Unknown keys
+//! are an error (a typo must not silently leave a default in place), and every error names the
+//! key and where its value came from (the file, or the flag that set it). Flags replace file
+//! values; for lists (`--listen`, `--bootstrap`) the flags replace the whole list, they do not
+//! append to it.
+//!
+//! ```toml
+//! # <data dir>/blendnet.toml — every key shown with its default
+//! listen = ["/ip4/0.0.0.0/tcp/7741", "/ip4/0.0.0.0/udp/7741/quic-v1"]
+//! bootstrap = []
+//! api = "127.0.0.1:0"
+//! render = true
+//! mdns = true
+//! # psk_file = "swarm.key"          # relative to the data directory
+//! # blender = "/opt/blender/blender"
+//! log_level = "info"
+//! max_log_files = 7
+//! ```
+//!
+//! Multiaddresses stay strings here: this crate does not link libp2p's parser. [`Config::validate`]
+//! checks the shape it can (each is a `/`-separated multiaddr, not `HOST:PORT`); the `net` crate
+//! parses them fully and reports ``invalid value for `listen[1]`: ...`` in the same style.
+
+use std::collections::BTreeSet;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::data_dir::DataDir;
+
+/// The TCP and UDP port a node listens on by default.
+pub const DEFAULT_PORT: u16 = 7741;
+
+/// Largest configuration file read. A real one is a few hundred bytes; anything near this is
+/// not a config file, and reading it whole could exhaust memory (DESIGN §11).
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Every key the file may contain, in the order the documentation lists them.
+pub const KEYS: [&str; 9] = [
+    "listen",
+    "bootstrap",
+    "api",
+    "render",
+    "mdns",
+    "psk_file",
+    "blender",
+    "log_level",
+    "max_log_files",
+];
+
+/// The node's configuration after the file and the flags are merged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `listen`: multiaddresses to listen on for other peers.
+    /// Default `["/ip4/0.0.0.0/tcp/7741", "/ip4/0.0.0.0/udp/7741/quic-v1"]`.
+    /// Flag: `--listen ADDR` (repeatable; replaces the list).
+    pub listen: Vec<String>,
+    /// `bootstrap`: multiaddresses of peers to dial at start, each ending in `/p2p/<peer id>`.
+    /// Default empty (LAN peers are found by mDNS; `blendnet join CODE` brings its own).
+    /// Flag: `--bootstrap ADDR` (repeatable; replaces the list).
+    pub bootstrap: Vec<String>,
+    /// `api`: `IP:PORT` of the local HTTP API. Must be a loopback address: the API is plain
+    /// HTTP. Port 0 picks a free port; the chosen one is written to `<data dir>/api.addr`.
+    /// Default `"127.0.0.1:0"`. Flag: `--api IP:PORT`.
+    pub api: SocketAddr,
+    /// `render`: whether this node renders tasks for the mesh (it can still submit jobs).
+    /// Default `true`. Flag: `--no-render` sets it to `false`.
+    pub render: bool,
+    /// `mdns`: whether to find and announce peers on the local network with mDNS.
+    /// Default `true`. Flag: `--no-mdns` sets it to `false`.
+    pub mdns: bool,
+    /// `psk_file`: a libp2p pre-shared key file (`swarm.key` format) that hides the mesh from
+    /// scanners. TCP only: setting it turns QUIC off. A relative path in the file is relative
+    /// to the data directory; on the command line, to the current directory.
+    /// Default none. Flag: `--psk-file PATH`.
+    pub psk_file: Option<PathBuf>,
+    /// `blender`: the Blender executable. Without it, `BLENDNET_BLENDER`, then `blender` on
+    /// `PATH`. Default none. Flag: `--blender PATH`.
+    pub blender: Option<PathBuf>,
+    /// `log_level`: a tracing `EnvFilter` directive such as `"info"` or
+    /// `"info,blendnet_net=debug"`. The `RUST_LOG` environment variable, when set, wins.
+    /// Default `"info"`.
+    pub log_level: String,
+    /// `max_log_files`: how many daily log files to keep in `<data dir>/logs/` (at least 1).
+    /// Default `7`.
+    pub max_log_files: usize,
+    /// The file this configuration was read from (or would have been, when missing).
+    #[serde(skip)]
+    file: PathBuf,
+    /// Keys whose value came from a flag, so errors can say so.
+    #[serde(skip)]
+    from_flags: BTreeSet<&'static str>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}"),
+                format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1"),
+            ],
+            bootstrap: Vec::new(),
+            api: SocketAddr::from(([127, 0, 0, 1], 0)),
+            render: true,
+            mdns: true,
+            psk_file: None,
+            blender: None,
+            log_level: "info".to_owned(),
+            max_log_files: 7,
+            file: PathBuf::new(),
+            from_flags: BTreeSet::new(),
+        }
+    }
+}
+
+/// Command-line values that override the file. `None`, `false` and empty lists mean "flag not
+/// given". The binary's clap struct fills this.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--listen ADDR`, repeatable; non-empty replaces `listen`.
+    pub listen: Vec<String>,
+    /// `--bootstrap ADDR`, repeatable; non-empty replaces `bootstrap`.
+    pub bootstrap: Vec<String>,
+    /// `--api IP:PORT`.
+    pub api: Option<SocketAddr>,
+    /// `--no-render`.
+    pub no_render: bool,
+    /// `--no-mdns`.
+    pub no_mdns: bool,
+    /// `--psk-file PATH` (relative to the current directory).
+    pub psk_file: Option<PathBuf>,
+    /// `--blender PATH`.
+    pub blender: Option<PathBuf>,
+}
+
+/// Where a configuration value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The configuration file.
+    File(PathBuf),
+    /// A command-line flag.
+    Flag(&'static str),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "in {}", path.display()),
+            Origin::Flag(flag) => write!(f, "from {flag}"),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying failure.
+        source: io::Error,
+    },
+    /// The file is too large to be a configuration file.
+    #[error("config file {path} is larger than {MAX_CONFIG_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is not valid TOML. The message shows the line and column.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// toml's description, with the position.
+        message: String,
+    },
+    /// The file has a key this version does not know.
+    #[error("unknown key `{key}` in {path} (known keys: {known})", known = KEYS.join(", "))]
+    UnknownKey {
+        /// The unknown key.
+        key: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A key has a value of the wrong type or an unusable value.
+    #[error("invalid value for `{key}` {origin}: {reason}")]
+    Invalid {
+        /// The key, with an index for list items (`listen[1]`).
+        key: String,
+        /// The file or the flag that gave the value.
+        origin: Origin,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Loads `<data dir>/blendnet.toml` (all defaults if it is missing), applies the flags, and
+    /// [validates](Self::validate) the result. Blocking (reads a small file).
+    pub fn load(data_dir: &DataDir, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let path = data_dir.config();
+        let mut config = match read_bounded(&path)? {
+            Some(text) => Self::from_toml(&text, &path, data_dir.path())?,
+            None => Self {
+                file: path,
+                ..Self::default()
+            },
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses the text of a configuration file. `path` is used in error messages; a relative
+    /// `psk_file` is resolved against `base` (the data directory). Does not [validate](Self::validate).
+    pub fn from_toml(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: path.to_owned(),
+                    message: e.to_string().trim_end().to_owned(),
+                })?;
+        let mut config = Self {
+            file: path.to_owned(),
+            ..Self::default()
+        };
+        for (key, value) in table {
+            let field = FileField { path, key: &key };
+            match key.as_str() {
+                "listen" => config.listen = field.parse(value)?,
+                "bootstrap" => config.bootstrap = field.parse(value)?,
+                "api" => {
+                    let text: String = field.parse(value)?;
+                    config.api = text.parse().map_err(|e| {
+                        field.invalid(format!(
+                            "{text:?} is not an IP:PORT socket address such as \"127.0.0.1:0\" ({e})"
+                        ))
+                    })?;
+                }
+                "render" => config.render = field.parse(value)?,
+                "mdns" => config.mdns = field.parse(value)?,
+                "psk_file" => {
+                    let psk: PathBuf = field.parse(value)?;
+                    config.psk_file = Some(base.join(psk));
+                }
+                "blender" => config.blender = Some(field.parse(value)?),
+                "log_level" => config.log_level = field.parse(value)?,
+                "max_log_files" => config.max_log_files = field.parse(value)?,
+                _ => {
+                    return Err(ConfigError::UnknownKey {
+                        key,
+                        path: path.to_owned(),
+                    });
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Applies command-line flags on top of the file's values.
+    pub fn apply(&mut self, overrides: &Overrides) {
+        if !overrides.listen.is_empty() {
+            self.listen = overrides.listen.clone();
+            self.from_flags.insert("listen");
+        }
+        if !overrides.bootstrap.is_empty() {
+            self.bootstrap = overrides.bootstrap.clone();
+            self.from_flags.insert("bootstrap");
+        }
+        if let Some(api) = overrides.api {
+            self.api = api;
+            self.from_flags.insert("api");
+        }
+        if overrides.no_render {
+            self.render = false;
+            self.from_flags.insert("render");
+        }
+        if overrides.no_mdns {
+            self.mdns = false;
+            self.from_flags.insert("mdns");
+        }
+        if let Some(psk) = &overrides.psk_file {
+            // Relative to the current directory, as any path on a command line.
+            self.psk_file = Some(std::path::absolute(psk).unwrap_or_else(|_| psk.clone()));
+            self.from_flags.insert("psk_file");
+        }
+        if let Some(blender) = &overrides.blender {
+            self.blender = Some(blender.clone());
+            self.from_flags.insert("blender");
+        }
+    }
+
+    /// The configuration file these values were read from (or would be, if it is missing).
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Where the value of `key` came from.
+    pub fn origin(&self, key: &str) -> Origin {
+        match self.from_flags.get(key) {
+            Some(key) => Origin::Flag(flag_name(key)),
+            None => Origin::File(self.file.clone()),
+        }
+    }
+
+    /// Checks what can be checked without libp2p: each multiaddress has the multiaddr shape,
+    /// `api` is a loopback address, `log_level` parses as an `EnvFilter`, `max_log_files` is
+    /// at least 1, and `psk_file` (if set) is an existing file.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, list) in [("listen", &self.listen), ("bootstrap", &self.bootstrap)] {
+            for (i, addr) in list.iter().enumerate() {
+                check_multiaddr_shape(addr).map_err(|reason| ConfigError::Invalid {
+                    key: format!("{key}[{i}]"),
+                    origin: self.origin(key),
+                    reason,
+                })?;
+            }
+        }
+        if !self.api.ip().is_loopback() {
+            return Err(self.invalid(
+                "api",
+                format!(
+                    "{} is not a loopback address; the local API is plain HTTP, so it listens \
+                     only on 127.0.0.1 or ::1",
+                    self.api
+                ),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(self.invalid(
+                "log_level",
+                format!(
+                    "{:?} is not a log filter such as \"info\" or \"info,blendnet_net=debug\" ({e})",
+                    self.log_level
+                ),
+            ));
+        }
+        if self.max_log_files == 0 {
+            return Err(self.invalid("max_log_files", "must be at least 1".to_owned()));
+        }
+        if let Some(psk) = &self.psk_file {
+            match std::fs::metadata(psk) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(_) => {
+                    return Err(
+                        self.invalid("psk_file", format!("{} is not a file", psk.display()))
+                    );
+                }
+                Err(e) => {
+                    return Err(
+                        self.invalid("psk_file", format!("cannot read {}: {e}", psk.display()))
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn invalid(&self, key: &'static str, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            key: key.to_owned(),
+            origin: self.origin(key),
+            reason,
+        }
+    }
+}
+
+/// The flag that overrides `key`.
+fn flag_name(key: &str) -> &'static str {
+    match key {
+        "listen" => "--listen",
+        "bootstrap" => "--bootstrap",
+        "api" => "--api",
+        "render" => "--no-render",
+        "mdns" => "--no-mdns",
+        "psk_file" => "--psk-file",
+        "blender" => "--blender",
+        _ => "the command line",
+    }
+}
+
+/// One key of the file being parsed, for error messages.
+struct FileField<'a> {
+    path: &'a Path,
+    key: &'a str,
+}
+
+impl FileField<'_> {
+    fn parse<T: DeserializeOwned>(&self, value: toml::Value) -> Result<T, ConfigError> {
+        value
+            .try_into()
+            .map_err(|e: toml::de::Error| self.invalid(e.message().to_owned()))
+    }
+
+    fn invalid(&self, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            key: self.key.to_owned(),
+            origin: Origin::File(self.path.to_owned()),
+            reason,
+        }
+    }
+}
+
+/// The shape of a multiaddr, without knowing protocol names: `/proto/value/...`, no empty
+/// component, no whitespace. Catches the common mistake of writing `HOST:PORT`.
+fn check_multiaddr_shape(addr: &str) -> Result<(), String> {
+    if addr.is_empty() {
+        return Err("empty address".to_owned());
+    }
+    if !addr.starts_with('/') {
+        return Err(format!(
+            "{addr:?} is not a multiaddress; write it like \"/ip4/192.168.1.5/tcp/{DEFAULT_PORT}\""
+        ));
+    }
+    if addr.chars().any(char::is_whitespace) {
+        return Err(format!("{addr:?} contains whitespace"));
+    }
+    if addr[1..].split('/').any(str::is_empty) {
+        return Err(format!("{addr:?} has an empty component"));
+    }
+    Ok(())
+}
+
+/// Reads the file if it exists, refusing one larger than [`MAX_CONFIG_BYTES`].
+fn read_bounded(path: &Path) -> Result<Option<String>, ConfigError> {
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(read_err(e)),
+    };
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    Ok(Some(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(text: Option<&str>) -> (tempfile::TempDir, DataDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path().join("node")).unwrap();
+        if let Some(text) = text {
+            std::fs::write(dir.config(), text).unwrap();
+        }
+        (tmp, dir)
+    }
+
+    fn load_err(text: &str) -> (ConfigError, String, DataDir, tempfile::TempDir) {
+        let (tmp, dir) = dir_with(Some(text));
+        let err = Config::load(&dir, &Overrides::default()).unwrap_err();
+        let msg = err.to_string();
+        (err, msg, dir, tmp)
+    }
+
+    #[test]
+    fn missing_file_gives_defaults() {
+        let (_tmp, dir) = dir_with(None);
+        let config = Config::load(&dir, &Overrides::default()).unwrap();
+        assert_eq!(
+            config.listen,
+            ["/ip4/0.0.0.0/tcp/7741", "/ip4/0.0.0.0/udp/7741/quic-v1"]
+        );
+        assert!(config.bootstrap.is_empty());
+        assert_eq!(config.api, "127.0.0.1:0".parse().unwrap());
+        assert!(config.render);
+        assert!(config.mdns);
+        assert_eq!(config.psk_file, None);
+        assert_eq!(config.blender, None);
+        assert_eq!(config.log_level, "info");
+        assert_eq!(config.max_log_files, 7);
+        assert_eq!(config.file(), dir.config());
+    }
+
+    #[test]
+    fn file_values_are_read() {
+        let (_tmp, dir) = dir_with(Some(
+            r#"
+            listen = ["/ip4/127.0.0.1/tcp/9000"]
+            bootstrap = ["/ip4/10.0.0.2/tcp/7741/p2p/12D3KooW"]
+            api = "127.0.0.1:8123"
+            render = false
+            mdns = false
+            blender = "/opt/blender/blender"
+            log_level = "debug,hyper=info"
+            max_log_files = 3
+            "#,
+        ));
+        let config = Config::load(&dir, &Overrides::default()).unwrap();
+        assert_eq!(config.listen, ["/ip4/127.0.0.1/tcp/9000"]);
+        assert_eq!(config.bootstrap, ["/ip4/10.0.0.2/tcp/7741/p2p/12D3KooW"]);
+        assert_eq!(config.api.port(), 8123);
+        assert!(!config.render);
+        assert!(!config.mdns);
+        assert_eq!(
+            config.blender.as_deref(),
+            Some(Path::new("/opt/blender/blender"))
+        );
+        assert_eq!(config.log_level, "debug,hyper=info");
+        assert_eq!(config.max_log_files, 3);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_file() {
+        let (err, msg, dir, _tmp) = load_err("render = true\nrendr = false\n");
+        assert!(matches!(err, ConfigError::UnknownKey { ref key, .. } if key == "rendr"));
+        assert!(msg.contains("`rendr`"), "{msg}");
+        assert!(msg.contains(&dir.config().display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn bad_type_names_key_and_file() {
+        let (err, msg, dir, _tmp) = load_err("render = \"yes\"\n");
+        assert!(matches!(err, ConfigError::Invalid { ref key, .. } if key == "render"));
+        assert!(msg.starts_with("invalid value for `render` in "), "{msg}");
+        assert!(msg.contains(&dir.config().display().to_string()), "{msg}");
+
+        let (_, msg, _, _tmp) = load_err("listen = \"/ip4/0.0.0.0/tcp/1\"\n");
+        assert!(msg.contains("`listen`"), "{msg}");
+    }
+
+    #[test]
+    fn bad_api_address() {
+        let (_, msg, dir, _tmp) = load_err("api = \"localhost\"\n");
+        assert!(msg.starts_with("invalid value for `api` in "), "{msg}");
+        assert!(msg.contains(&dir.config().display().to_string()), "{msg}");
+        assert!(msg.contains("\"localhost\""), "{msg}");
+
+        let (_, msg, _, _tmp) = load_err("api = \"0.0.0.0:8000\"\n");
+        assert!(msg.contains("`api`") && msg.contains("loopback"), "{msg}");
+    }
+
+    #[test]
+    fn bad_max_log_files() {
+        let (_, msg, _, _tmp) = load_err("max_log_files = 0\n");
+        assert!(msg.contains("`max_log_files`"), "{msg}");
+        assert!(msg.contains("at least 1"), "{msg}");
+
+        let (_, msg, _, _tmp) = load_err("max_log_files = -2\n");
+        assert!(msg.contains("`max_log_files`"), "{msg}");
+    }
+
+    #[test]
+    fn bad_log_level() {
+        let (_, msg, _, _tmp) = load_err("log_level = \"info,foo=[\"\n");
+        assert!(msg.contains("`log_level`"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_error_names_file() {
+        let (err, msg, dir, _tmp) = load_err("render = \n");
+        assert!(matches!(err, ConfigError::Syntax { .. }));
+        assert!(msg.contains(&dir.config().display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn host_port_in_listen_is_caught_with_index() {
+        let (_, msg, _, _tmp) = load_err("listen = [\"/ip4/0.0.0.0/tcp/1\", \"0.0.0.0:7741\"]\n");
+        assert!(
+            msg.starts_with("invalid value for `listen[1]` in "),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn psk_file_is_relative_to_data_dir_and_must_exist() {
+        let (_tmp, dir) = dir_with(Some("psk_file = \"swarm.key\"\n"));
+        let err = Config::load(&dir, &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("`psk_file`"), "{err}");
+
+        std::fs::write(dir.path().join("swarm.key"), "x").unwrap();
+        let config = Config::load(&dir, &Overrides::default()).unwrap();
+        assert_eq!(config.psk_file, Some(dir.path().join("swarm.key")));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let (_tmp, dir) = dir_with(Some(
+            r#"
+            listen = ["/ip4/127.0.0.1/tcp/9000", "/ip4/127.0.0.1/udp/9000/quic-v1"]
+            bootstrap = ["/ip4/10.0.0.2/tcp/7741"]
+            api = "127.0.0.1:8123"
+            blender = "/from/file"
+            "#,
+        ));
+        let overrides = Overrides {
+            listen: vec!["/ip4/127.0.0.1/tcp/9100".to_owned()],
+            bootstrap: vec![],
+            api: Some("127.0.0.1:9999".parse().unwrap()),
+            no_render: true,
+            no_mdns: true,
+            psk_file: None,
+            blender: Some("/from/flag".into()),
+        };
+        let config = Config::load(&dir, &overrides).unwrap();
+        // Replaced, not appended to.
+        assert_eq!(config.listen, ["/ip4/127.0.0.1/tcp/9100"]);
+        // Not given on the command line: the file's value stays.
+        assert_eq!(config.bootstrap, ["/ip4/10.0.0.2/tcp/7741"]);
+        assert_eq!(config.api.port(), 9999);
+        assert!(!config.render);
+        assert!(!config.mdns);
+        assert_eq!(config.blender.as_deref(), Some(Path::new("/from/flag")));
+        assert_eq!(config.origin("listen"), Origin::Flag("--listen"));
+        assert_eq!(config.origin("bootstrap"), Origin::File(dir.config()));
+    }
+
+    #[test]
+    fn flag_errors_name_the_flag() {
+        let (_tmp, dir) = dir_with(None);
+        let overrides = Overrides {
+            listen: vec!["127.0.0.1:9000".to_owned()],
+            ..Overrides::default()
+        };
+        let msg = Config::load(&dir, &overrides).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("invalid value for `listen[0]` from --listen"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn too_large_file_is_refused() {
+        let (_tmp, dir) = dir_with(None);
+        let big = format!(
+            "log_level = \"{}\"\n",
+            "a".repeat(MAX_CONFIG_BYTES as usize)
+        );
+        std::fs::write(dir.config(), big).unwrap();
+        assert!(matches!(
+            Config::load(&dir, &Overrides::default()),
+            Err(ConfigError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn serde_struct_rejects_unknown_fields_too() {
+        let err = toml::from_str::<Config>("nope = 1").unwrap_err();
+        assert!(err.to_string().contains("nope"));
+    }
+}

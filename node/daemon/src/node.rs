@@ -1,0 +1,518 @@
+//! The running node: loads identity and state from the data directory, starts the network
+//! actor and the local API, persists what the network reports, and shuts down on signals.
+//!
+//! ```text
+//!  signals ──▶ run() ──shutdown──▶ NetActor, API server
+//!                 ▲ Event (joined, roster, invites, addresses) ── NetActor
+//!                 └─▶ State (redb): everything the node must not lose
+//!  API server ──Backend──▶ NodeBackend ──Net handle──▶ NetActor
+//! ```
+//!
+//! Persisted keys in the `meta` table: `roster` ([`PersistedRoster`]), `invites`
+//! (`core::Invites`), `join_code` (the invite code text until it is redeemed); the `peers`
+//! table maps a peer id to its last known multiaddrs.
+
+use crate::api::{
+    self, AdmitRequest, ApiError, Backend, InviteRequest, InviteView, PeerRef, RevokeRequest,
+    StatusView,
+};
+use crate::capabilities::Capabilities;
+use crate::config::Config;
+use crate::data_dir::{DataDir, ReadSecretError, SECRET_MODE, read_secret, write_atomic};
+use crate::state::State;
+use anyhow::{Context, anyhow, bail};
+use blendnet_core::{Invites, Roster};
+use blendnet_net::{
+    AdmitError, Event, InviteError, Membership, Multiaddr, Net, PeerId, RevokeError, Spawned,
+    Transport, identity,
+};
+use blendnet_proto::{Fingerprint, InviteCode, MeshId, MeshKey, Role, Roles, RosterSnapshot};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long a graceful shutdown may take before the daemon exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long the certificate `init` gives its own node lasts.
+const OWN_CERT_LIFETIME_SECS: u64 = 100 * 365 * 24 * 3600;
+
+/// The roster as stored: its mesh and entries (re-verified when loaded).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PersistedRoster {
+    pub mesh: MeshId,
+    pub roster: RosterSnapshot,
+}
+
+const KEY_ROSTER: &str = "roster";
+const KEY_INVITES: &str = "invites";
+const KEY_JOIN_CODE: &str = "join_code";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Loads this node's key, creating it on first use.
+pub fn node_key(data_dir: &DataDir) -> anyhow::Result<identity::Keypair> {
+    let path = data_dir.node_key();
+    match read_secret(&path) {
+        Ok(bytes) => identity::Keypair::from_protobuf_encoding(&bytes)
+            .with_context(|| format!("{} is not a node key", path.display())),
+        Err(ReadSecretError::NotFound { .. }) => {
+            let key = identity::Keypair::generate_ed25519();
+            let bytes = key
+                .to_protobuf_encoding()
+                .context("encoding the node key")?;
+            write_atomic(&path, &bytes, SECRET_MODE)
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Loads the mesh key if this node holds it.
+fn mesh_key(data_dir: &DataDir) -> anyhow::Result<Option<MeshKey>> {
+    let path = data_dir.mesh_key();
+    match read_secret(&path) {
+        Ok(bytes) => MeshKey::from_bytes(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is not a mesh key", path.display())),
+        Err(ReadSecretError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn load_roster(state: &State) -> anyhow::Result<Option<Roster>> {
+    let Some(stored) = state.get::<PersistedRoster>(KEY_ROSTER)? else {
+        return Ok(None);
+    };
+    let mut roster = Roster::new(stored.mesh);
+    let (_, errors) = roster.apply(stored.roster);
+    for e in errors {
+        tracing::warn!(error = %e, "stored roster entry dropped");
+    }
+    Ok(Some(roster))
+}
+
+/// `blendnet init`: makes the mesh key and this node's key, and certifies this node with
+/// every role. Refuses a data directory that is already in a mesh or joining one.
+pub fn init(data_dir: &DataDir) -> anyhow::Result<MeshId> {
+    let state = State::open(data_dir)?;
+    if let Some(roster) = load_roster(&state)? {
+        bail!(
+            "this data directory is already a member of mesh {}; use another --data-dir for a new mesh",
+            roster.mesh()
+        );
+    }
+    if mesh_key(data_dir)?.is_some() {
+        bail!("{} already exists", data_dir.mesh_key().display());
+    }
+    if state.get::<String>(KEY_JOIN_CODE)?.is_some() {
+        bail!("this data directory is waiting to join a mesh with an invite code");
+    }
+    let node = node_key(data_dir)?;
+    let key = MeshKey::generate();
+    write_atomic(&data_dir.mesh_key(), &key.to_bytes(), SECRET_MODE)
+        .with_context(|| format!("writing {}", data_dir.mesh_key().display()))?;
+    let all = Role::ALL
+        .into_iter()
+        .fold(Roles::EMPTY, |acc, r| acc | Roles::from(r));
+    let cert = key.certify(
+        node.public().to_peer_id(),
+        all,
+        unix_now().saturating_add(OWN_CERT_LIFETIME_SECS),
+        rand::random(),
+    );
+    let mut roster = Roster::new(key.id());
+    roster.insert_certificate(cert)?;
+    state.put(
+        KEY_ROSTER,
+        &PersistedRoster {
+            mesh: key.id(),
+            roster: roster.snapshot(),
+        },
+    )?;
+    Ok(key.id())
+}
+
+/// `blendnet join CODE`: checks the code and stores it for the next `up`.
+pub fn join(data_dir: &DataDir, code: &InviteCode) -> anyhow::Result<()> {
+    let state = State::open(data_dir)?;
+    if let Some(roster) = load_roster(&state)? {
+        bail!(
+            "this data directory is already a member of mesh {}",
+            roster.mesh()
+        );
+    }
+    node_key(data_dir)?;
+    state.put(KEY_JOIN_CODE, &code.encode())?;
+    Ok(())
+}
+
+fn parse_addrs(key: &str, values: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.parse::<Multiaddr>().map_err(|e| {
+                anyhow!("invalid value for `{key}[{i}]`: {v:?} is not a multiaddr: {e}")
+            })
+        })
+        .collect()
+}
+
+fn wire_capabilities(caps: &Capabilities, render: bool) -> blendnet_proto::wire::Capabilities {
+    blendnet_proto::wire::Capabilities {
+        daemon_version: caps.daemon_version.clone(),
+        cores: u32::try_from(caps.cores).unwrap_or(u32::MAX),
+        ram_bytes: caps.ram_bytes,
+        free_disk_bytes: caps.free_disk_bytes,
+        gpus: caps.gpus.clone(),
+        blender: caps.blender.as_ref().map(|b| b.version.clone()),
+        render,
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `blendnet up`: runs the node until a signal; an error if joining was refused.
+pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
+    let state = State::open(&data_dir)?;
+    let keypair = node_key(&data_dir)?;
+    let local = keypair.public().to_peer_id();
+    let listen = parse_addrs("listen", &config.listen)?;
+    let bootstrap = parse_addrs("bootstrap", &config.bootstrap)?;
+    let psk =
+        match &config.psk_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the pre-shared key {}", path.display()))?;
+                Some(text.parse::<blendnet_net::PreSharedKey>().map_err(|e| {
+                    anyhow!("invalid value for `psk_file`: {}: {e}", path.display())
+                })?)
+            }
+            None => None,
+        };
+    let membership = match load_roster(&state)? {
+        Some(roster) => Membership::Member {
+            roster,
+            mesh_key: mesh_key(&data_dir)?,
+        },
+        None => match state.get::<String>(KEY_JOIN_CODE)? {
+            Some(text) => Membership::Joining(
+                InviteCode::decode(&text).context("the stored invite code is unreadable")?,
+            ),
+            None => Membership::Pending,
+        },
+    };
+    let invites: Invites = state.get(KEY_INVITES)?.unwrap_or_default();
+    let known_addrs = state
+        .all_peers::<Vec<String>>()?
+        .into_iter()
+        .filter_map(|(peer, addrs)| {
+            let peer: PeerId = peer.parse().ok()?;
+            Some((peer, addrs.iter().filter_map(|a| a.parse().ok()).collect()))
+        })
+        .collect();
+    let fingerprint = Fingerprint::of(&local);
+    match &membership {
+        Membership::Pending => tracing::info!(
+            peer = %local, %fingerprint,
+            "not in a mesh yet: admit this machine from a member with `blendnet admit {fingerprint}`, or run `blendnet join CODE` / `blendnet init`"
+        ),
+        Membership::Joining(code) => {
+            tracing::info!(peer = %local, %fingerprint, inviter = %code.inviter, "joining with an invite code")
+        }
+        Membership::Member { roster, .. } => {
+            tracing::info!(peer = %local, %fingerprint, mesh = %roster.mesh(), "starting")
+        }
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let caps = Capabilities {
+        daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        ram_bytes: 0,
+        free_disk_bytes: 0,
+        gpus: Vec::new(),
+        blender: None,
+    };
+    let Spawned {
+        net,
+        mut events,
+        deliveries,
+        task: net_task,
+    } = blendnet_net::spawn(
+        blendnet_net::Config {
+            keypair,
+            transport: Transport::Network { psk },
+            listen,
+            bootstrap,
+            mdns: config.mdns,
+            membership,
+            invites,
+            known_addrs,
+            capabilities: wire_capabilities(&caps, config.render),
+        },
+        stopped(stop_rx.clone()),
+    )?;
+    // No layer above the mesh consumes job, task or blob gossip yet: dropping the receiver
+    // makes those deliveries fail fast instead of filling a queue.
+    drop(deliveries);
+
+    // Full capabilities take a second or two (Blender's version): detect them off the loop.
+    {
+        let net = net.clone();
+        let dir = data_dir.path().to_path_buf();
+        let blender = config.blender.clone();
+        let render = config.render;
+        tokio::spawn(async move {
+            let detected =
+                tokio::task::spawn_blocking(move || Capabilities::detect(&dir, blender.as_deref()))
+                    .await;
+            if let Ok((caps, problem)) = detected {
+                if let Some(problem) = problem {
+                    tracing::warn!(%problem, "no usable Blender: this node will not render");
+                }
+                if let Some(b) = &caps.blender {
+                    tracing::info!(version = %b.version, path = %b.path, "found Blender");
+                }
+                let _ = net.set_capabilities(wire_capabilities(&caps, render)).await;
+            }
+        });
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.api)
+        .await
+        .with_context(|| format!("binding the API to {}", config.api))?;
+    let api_addr = listener.local_addr()?;
+    let token = api::new_token();
+    let backend = NodeBackend {
+        net: net.clone(),
+        data_dir: data_dir.path().display().to_string(),
+    };
+    let api_task = tokio::spawn(api::serve(
+        listener,
+        token.clone(),
+        backend,
+        stopped(stop_rx.clone()),
+    ));
+    api::publish(&data_dir, api_addr, &token).context("publishing the API address")?;
+    tracing::info!(api = %api_addr, "local API ready");
+
+    let result = loop {
+        tokio::select! {
+            _ = signal() => {
+                tracing::info!("shutting down (a second signal exits at once)");
+                break Ok(());
+            }
+            event = events.recv() => match event {
+                Some(Event::JoinFailed(failure)) => {
+                    break Err(anyhow!("could not join the mesh: {failure}"));
+                }
+                Some(event) => persist(&state, event),
+                None => break Err(anyhow!("the network actor stopped unexpectedly")),
+            },
+        }
+    };
+
+    let _ = stop_tx.send(true);
+    let _ = api::unpublish(&data_dir, api_addr);
+    let drain = async {
+        let _ = net_task.await;
+        // Persist what the actor reported before it stopped.
+        while let Ok(event) = events.try_recv() {
+            if !matches!(event, Event::JoinFailed(_)) {
+                persist(&state, event);
+            }
+        }
+        let _ = api_task.await;
+    };
+    tokio::select! {
+        _ = drain => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown took too long; exiting"),
+        _ = signal() => tracing::warn!("second signal: exiting at once"),
+    }
+    tracing::info!("stopped");
+    result
+}
+
+/// Writes what the network reported. A failed write is logged: the network keeps the state in
+/// memory and reports it again with the next change.
+fn persist(state: &State, event: Event) {
+    let result = match &event {
+        Event::Joined { mesh, roster } | Event::RosterChanged { mesh, roster } => state
+            .put(
+                KEY_ROSTER,
+                &PersistedRoster {
+                    mesh: *mesh,
+                    roster: roster.clone(),
+                },
+            )
+            .and_then(|()| {
+                if matches!(event, Event::Joined { .. }) {
+                    state.delete(KEY_JOIN_CODE).map(|_| ())
+                } else {
+                    Ok(())
+                }
+            }),
+        Event::InvitesChanged(invites) => state.put(KEY_INVITES, invites),
+        Event::PeerAddrs { peer, addrs } => {
+            let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+            state.put_peer(&peer.to_string(), &addrs)
+        }
+        Event::Revoked => {
+            tracing::error!(
+                "this node was revoked from its mesh; ask the mesh owner for a new invite"
+            );
+            Ok(())
+        }
+        Event::JoinFailed(_) => Ok(()),
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "could not save state");
+    }
+}
+
+/// The API's backend: each call is a message to the network actor.
+#[derive(Debug, Clone)]
+struct NodeBackend {
+    net: Net,
+    data_dir: String,
+}
+
+fn stopped_error(_: blendnet_net::Stopped) -> ApiError {
+    ApiError::Unavailable("the node is shutting down".into())
+}
+
+impl Backend for NodeBackend {
+    async fn status(&self) -> Result<StatusView, ApiError> {
+        let s = self.net.status().await.map_err(stopped_error)?;
+        Ok(StatusView {
+            peer_id: s.peer_id,
+            fingerprint: s.fingerprint,
+            mesh_id: s.mesh_id,
+            member: s.member,
+            state: s.state,
+            roles: s.roles,
+            listen_addrs: s.listen_addrs,
+            peer_count: s.peer_count,
+            version: s.version,
+            data_dir: self.data_dir.clone(),
+        })
+    }
+
+    async fn peers(&self, pending: bool) -> Result<serde_json::Value, ApiError> {
+        let value = if pending {
+            serde_json::to_value(self.net.pending().await.map_err(stopped_error)?)
+        } else {
+            serde_json::to_value(self.net.peers().await.map_err(stopped_error)?)
+        };
+        value.map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    async fn invite(&self, req: InviteRequest) -> Result<InviteView, ApiError> {
+        let roles: Roles = req
+            .roles
+            .join(",")
+            .parse()
+            .map_err(|e: blendnet_proto::cert::UnknownRole| ApiError::BadRequest(e.to_string()))?;
+        if req.ttl_secs == 0 {
+            return Err(ApiError::BadRequest(
+                "an invite needs a TTL of at least one second".into(),
+            ));
+        }
+        let code = self
+            .net
+            .invite(Duration::from_secs(req.ttl_secs), roles)
+            .await
+            .map_err(stopped_error)?
+            .map_err(|e| match e {
+                InviteError::NoRoles => ApiError::BadRequest(e.to_string()),
+                InviteError::NotListening => ApiError::Unavailable(e.to_string()),
+                InviteError::NotAMember | InviteError::NotAnIssuer => {
+                    ApiError::Conflict(e.to_string())
+                }
+            })?;
+        Ok(InviteView {
+            code: code.encode(),
+            expires_at: code.expires_at,
+        })
+    }
+
+    async fn admit(&self, req: AdmitRequest) -> Result<PeerRef, ApiError> {
+        let fingerprint: Fingerprint = req
+            .fingerprint
+            .parse()
+            .map_err(|e: blendnet_proto::id::BadFingerprint| ApiError::BadRequest(e.to_string()))?;
+        let peer = self
+            .net
+            .admit(fingerprint)
+            .await
+            .map_err(stopped_error)?
+            .map_err(|e| match e {
+                AdmitError::NoSuchPeer(_) => ApiError::NotFound(e.to_string()),
+                AdmitError::Unreachable { .. } => ApiError::Unavailable(e.to_string()),
+                AdmitError::NotAMember | AdmitError::NotAnIssuer | AdmitError::Refused { .. } => {
+                    ApiError::Conflict(e.to_string())
+                }
+            })?;
+        Ok(PeerRef {
+            peer_id: peer.to_string(),
+        })
+    }
+
+    async fn revoke(&self, req: RevokeRequest) -> Result<PeerRef, ApiError> {
+        let peer: PeerId = req
+            .peer
+            .trim()
+            .parse()
+            .map_err(|_| ApiError::BadRequest(format!("not a peer id: {:?}", req.peer)))?;
+        self.net
+            .revoke(peer)
+            .await
+            .map_err(stopped_error)?
+            .map_err(|e| match e {
+                RevokeError::NotFound(_) => ApiError::NotFound(e.to_string()),
+                RevokeError::IsSelf(_) => ApiError::BadRequest(e.to_string()),
+                RevokeError::NotAMember | RevokeError::NotAnIssuer => {
+                    ApiError::Conflict(e.to_string())
+                }
+            })?;
+        Ok(PeerRef {
+            peer_id: peer.to_string(),
+        })
+    }
+}

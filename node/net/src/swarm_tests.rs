@@ -1,0 +1,537 @@
+//! In-process swarm tests on the memory transport: real actors, real libp2p protocols, no
+//! sockets. Every wait is bounded.
+
+use crate::codec::{Checked, Codec};
+use crate::{Config, Delivery, Membership, Net, PeerView, Spawned, Transport, spawn, unix_now};
+use blendnet_core::{Invites, Roster};
+use blendnet_proto::wire::{Capabilities, JoinResponse, MAX_REQUEST_BYTES};
+use blendnet_proto::{JOIN_PROTOCOL, MeshKey, Role, Roles, Topic};
+use futures::StreamExt;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identity, request_response};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Upper bound for anything that should happen "at once" on the memory transport.
+const SOON: Duration = Duration::from_secs(10);
+
+struct TestNode {
+    peer: PeerId,
+    addr: Multiaddr,
+    net: Net,
+    deliveries: mpsc::Receiver<Delivery>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn memory_addr() -> Multiaddr {
+    format!("/memory/{}", rand::random::<u64>() >> 1)
+        .parse()
+        .unwrap()
+}
+
+fn start(
+    keypair: identity::Keypair,
+    membership: Membership,
+    invites: Invites,
+    bootstrap: Vec<Multiaddr>,
+) -> TestNode {
+    let peer = keypair.public().to_peer_id();
+    let addr = memory_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let Spawned {
+        net, deliveries, ..
+    } = spawn(
+        Config {
+            keypair,
+            transport: Transport::Memory,
+            listen: vec![addr.clone()],
+            bootstrap,
+            mdns: false,
+            membership,
+            invites,
+            known_addrs: Vec::new(),
+            capabilities: Capabilities::default(),
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    )
+    .expect("actor starts");
+    TestNode {
+        peer,
+        addr,
+        net,
+        deliveries,
+        _stop: stop,
+    }
+}
+
+/// A mesh whose key holder is the first node and whose members hold `roles[i]`.
+fn mesh(roles: &[Roles]) -> (MeshKey, Vec<identity::Keypair>, Roster) {
+    let key = MeshKey::generate();
+    let keypairs: Vec<identity::Keypair> = roles
+        .iter()
+        .map(|_| identity::Keypair::generate_ed25519())
+        .collect();
+    let mut roster = Roster::new(key.id());
+    for (kp, r) in keypairs.iter().zip(roles) {
+        let cert = key.certify(
+            kp.public().to_peer_id(),
+            *r,
+            unix_now() + 3600,
+            rand::random(),
+        );
+        roster.insert_certificate(cert).unwrap();
+    }
+    (key, keypairs, roster)
+}
+
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn online(net: &Net, peer: PeerId) -> bool {
+    net.peers()
+        .await
+        .unwrap()
+        .iter()
+        .any(|p: &PeerView| p.peer_id == peer.to_string() && p.online)
+}
+
+/// Publishes until gossipsub has a peer to send to (its mesh forms within a heartbeat or two).
+async fn publish_when_ready(net: &Net, topic: Topic, data: Vec<u8>) {
+    eventually("gossip peers to publish to", || {
+        let data = data.clone();
+        async move { net.publish(topic, data).await.unwrap().ok() }
+    })
+    .await
+}
+
+async fn next_delivery(rx: &mut mpsc::Receiver<Delivery>, within: Duration) -> Option<Delivery> {
+    tokio::time::timeout(within, rx.recv()).await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_the_role_cannot_publish_that_message_type() {
+    let submit = Roles::from(Role::Submit) | Roles::from(Role::Render);
+    let render = Roles::from(Role::Render);
+    let (key, kps, roster) = mesh(&[Roles::default_member(), render, submit]);
+    let a = start(
+        kps[0].clone(),
+        Membership::Member {
+            roster: roster.clone(),
+            mesh_key: Some(key),
+        },
+        Invites::default(),
+        vec![],
+    );
+    let member = |i: usize, a: &TestNode| {
+        start(
+            kps[i].clone(),
+            Membership::Member {
+                roster: roster.clone(),
+                mesh_key: None,
+            },
+            Invites::default(),
+            vec![a.addr.clone()],
+        )
+    };
+    let b = member(1, &a);
+    let mut c = member(2, &a);
+    let mut a = a;
+    eventually("all connected", || async {
+        (online(&a.net, b.peer).await && online(&a.net, c.peer).await).then_some(())
+    })
+    .await;
+
+    // B holds only `render`: its job announcement is refused by every receiver.
+    publish_when_ready(&b.net, Topic::Jobs, b"job from a render-only peer".to_vec()).await;
+    // C holds `submit`: its announcement arrives, and B's never does.
+    publish_when_ready(&c.net, Topic::Jobs, b"job from a submitter".to_vec()).await;
+    let got = next_delivery(&mut a.deliveries, SOON)
+        .await
+        .expect("C's job reaches A");
+    assert_eq!(got.source, c.peer);
+    assert_eq!(got.data, b"job from a submitter");
+    assert!(
+        next_delivery(&mut a.deliveries, Duration::from_secs(2))
+            .await
+            .is_none(),
+        "B's job must be dropped"
+    );
+    assert!(
+        next_delivery(&mut c.deliveries, Duration::from_millis(200))
+            .await
+            .is_none(),
+        "B's job must not reach C either"
+    );
+
+    // Render events are fine for B.
+    publish_when_ready(&b.net, Topic::Tasks, b"task event".to_vec()).await;
+    let got = next_delivery(&mut a.deliveries, SOON)
+        .await
+        .expect("B's task event reaches A");
+    assert_eq!(got.source, b.peer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_from_a_non_member_is_dropped() {
+    // A is a member of mesh 1 with an open invite, so its gate lets unknown peers in on
+    // probation. X belongs to mesh 2, whose roster (made by X's owner) lists A, so X connects
+    // to A, subscribes and publishes.
+    let (key1, kps1, roster1) = mesh(&[Roles::default_member()]);
+    let mut invites = Invites::default();
+    invites.issue(
+        blendnet_proto::Token([1; 16]),
+        Roles::default_member(),
+        unix_now() + 3600,
+    );
+    let mut a = start(
+        kps1[0].clone(),
+        Membership::Member {
+            roster: roster1,
+            mesh_key: Some(key1),
+        },
+        invites,
+        vec![],
+    );
+    let key2 = MeshKey::generate();
+    let x_kp = identity::Keypair::generate_ed25519();
+    let x = x_kp.public().to_peer_id();
+    let mut roster2 = Roster::new(key2.id());
+    for p in [x, a.peer] {
+        roster2
+            .insert_certificate(key2.certify(
+                p,
+                Roles::default_member(),
+                unix_now() + 3600,
+                rand::random(),
+            ))
+            .unwrap();
+    }
+    let xn = start(
+        x_kp,
+        Membership::Member {
+            roster: roster2,
+            mesh_key: Some(key2),
+        },
+        Invites::default(),
+        vec![a.addr.clone()],
+    );
+    eventually("X connected to A", || async {
+        online(&xn.net, a.peer).await.then_some(())
+    })
+    .await;
+    for _ in 0..20 {
+        let _ = xn
+            .net
+            .publish(Topic::Jobs, b"job from a stranger".to_vec())
+            .await
+            .unwrap();
+        let _ = xn.net.publish(Topic::Status, vec![1, 2, 3]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        next_delivery(&mut a.deliveries, Duration::from_secs(1))
+            .await
+            .is_none()
+    );
+    let peers = a.net.peers().await.unwrap();
+    assert_eq!(peers.len(), 1, "only A itself is listed: {peers:?}");
+    assert!(peers[0].is_self);
+    assert_eq!(a.net.status().await.unwrap().peer_count, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_gossip_gets_the_member_disconnected_and_the_node_keeps_running() {
+    let (key, kps, roster) = mesh(&[
+        Roles::default_member(),
+        Roles::default_member(),
+        Roles::default_member(),
+    ]);
+    let a = start(
+        kps[0].clone(),
+        Membership::Member {
+            roster: roster.clone(),
+            mesh_key: Some(key),
+        },
+        Invites::default(),
+        vec![],
+    );
+    let b = start(
+        kps[1].clone(),
+        Membership::Member {
+            roster: roster.clone(),
+            mesh_key: None,
+        },
+        Invites::default(),
+        vec![a.addr.clone()],
+    );
+    let c = start(
+        kps[2].clone(),
+        Membership::Member {
+            roster,
+            mesh_key: None,
+        },
+        Invites::default(),
+        vec![a.addr.clone()],
+    );
+    eventually("all connected", || async {
+        (online(&a.net, b.peer).await && online(&a.net, c.peer).await).then_some(())
+    })
+    .await;
+    // A status message that is not a PeerStatus at all.
+    publish_when_ready(&b.net, Topic::Status, vec![0xff; 40]).await;
+    eventually("A drops B", || async {
+        (!online(&a.net, b.peer).await).then_some(())
+    })
+    .await;
+    // B stays out for a while (it is refused at the gate), C is unaffected, A answers.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!online(&a.net, b.peer).await, "B must stay disconnected");
+    }
+    assert!(online(&a.net, c.peer).await);
+    assert_eq!(a.net.status().await.unwrap().peer_count, 1);
+}
+
+/// A misbehaving peer: speaks the join protocol with a codec that has no limit.
+#[derive(NetworkBehaviour)]
+#[behaviour(prelude = "libp2p::swarm::derive_prelude")]
+struct Rogue {
+    join: request_response::Behaviour<Codec<RogueRequest, JoinResponse>>,
+}
+
+/// Encodes as a variant index that `JoinRequest` does not have, or as a huge message.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[allow(dead_code)] // Only `Huge` and `Garbage` are sent; the others pad the variant index.
+enum RogueRequest {
+    Huge(Vec<u8>),
+    A,
+    B,
+    C,
+    D,
+    E,
+    F,
+    Garbage(u32),
+}
+
+impl std::fmt::Debug for RogueRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the megabyte of a huge request.
+        f.write_str("RogueRequest")
+    }
+}
+
+fn rogue_swarm() -> Swarm<Rogue> {
+    let key = identity::Keypair::generate_ed25519();
+    libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(|key| {
+            use libp2p::Transport as _;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                libp2p::core::transport::MemoryTransport::default()
+                    .upgrade(libp2p::core::upgrade::Version::V1)
+                    .authenticate(libp2p::noise::Config::new(key)?)
+                    .multiplex(libp2p::yamux::Config::default()),
+            )
+        })
+        .unwrap()
+        .with_behaviour(|_| Rogue {
+            join: request_response::Behaviour::with_codec(
+                Codec::new(usize::MAX, usize::MAX),
+                [(
+                    StreamProtocol::new(JOIN_PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default(),
+            ),
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+/// Connects the rogue to `target`, sends one request, and waits until the target hangs up.
+async fn rogue_request_is_punished(target: &TestNode, request: RogueRequest) {
+    let mut rogue = rogue_swarm();
+    rogue.dial(target.addr.clone()).unwrap();
+    let closed = tokio::time::timeout(SOON, async {
+        loop {
+            match rogue.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    rogue
+                        .behaviour_mut()
+                        .join
+                        .send_request(&peer_id, Checked::Valid(request_placeholder(&request)));
+                }
+                SwarmEvent::ConnectionClosed {
+                    num_established: 0, ..
+                } => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the target must disconnect a peer that sends a bad request"
+    );
+    // And it keeps running.
+    assert!(target.net.status().await.is_ok());
+}
+
+fn request_placeholder(r: &RogueRequest) -> RogueRequest {
+    match r {
+        RogueRequest::Huge(v) => RogueRequest::Huge(v.clone()),
+        _ => RogueRequest::Garbage(7),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_or_undecodable_requests_get_the_peer_disconnected() {
+    // A pending node accepts anyone (it waits to be admitted), so the rogue gets through the gate.
+    let target = start(
+        identity::Keypair::generate_ed25519(),
+        Membership::Pending,
+        Invites::default(),
+        vec![],
+    );
+    rogue_request_is_punished(&target, RogueRequest::Huge(vec![7; MAX_REQUEST_BYTES + 1])).await;
+    let target = start(
+        identity::Keypair::generate_ed25519(),
+        Membership::Pending,
+        Invites::default(),
+        vec![],
+    );
+    rogue_request_is_punished(&target, RogueRequest::Garbage(7)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_is_redeemed_once_and_the_new_member_meets_the_others() {
+    let (key, kps, roster) = mesh(&[Roles::default_member(), Roles::default_member()]);
+    let a = start(
+        kps[0].clone(),
+        Membership::Member {
+            roster: roster.clone(),
+            mesh_key: Some(key),
+        },
+        Invites::default(),
+        vec![],
+    );
+    let b = start(
+        kps[1].clone(),
+        Membership::Member {
+            roster,
+            mesh_key: None,
+        },
+        Invites::default(),
+        vec![a.addr.clone()],
+    );
+    eventually("A and B connected", || async {
+        online(&a.net, b.peer).await.then_some(())
+    })
+    .await;
+    let code = a
+        .net
+        .invite(Duration::from_secs(60), Roles::from(Role::Render))
+        .await
+        .unwrap()
+        .unwrap();
+    let c = start(
+        identity::Keypair::generate_ed25519(),
+        Membership::Joining(code.clone()),
+        Invites::default(),
+        vec![],
+    );
+    // C joins and finds B through A.
+    eventually("C online at B", || async {
+        (online(&b.net, c.peer).await && online(&c.net, b.peer).await).then_some(())
+    })
+    .await;
+    let c_status = c.net.status().await.unwrap();
+    assert!(c_status.member);
+    assert_eq!(c_status.roles, vec!["render".to_string()]);
+    // A second peer with the same code is refused: it stays "joining".
+    let d = start(
+        identity::Keypair::generate_ed25519(),
+        Membership::Joining(code),
+        Invites::default(),
+        vec![],
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(d.net.status().await.unwrap().state, "joining");
+    assert!(
+        !a.net
+            .peers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| p.peer_id == d.peer.to_string())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_member_is_disconnected_everywhere() {
+    let (key, kps, roster) = mesh(&[
+        Roles::default_member(),
+        Roles::default_member(),
+        Roles::default_member(),
+    ]);
+    let a = start(
+        kps[0].clone(),
+        Membership::Member {
+            roster: roster.clone(),
+            mesh_key: Some(key),
+        },
+        Invites::default(),
+        vec![],
+    );
+    let b = start(
+        kps[1].clone(),
+        Membership::Member {
+            roster: roster.clone(),
+            mesh_key: None,
+        },
+        Invites::default(),
+        vec![a.addr.clone()],
+    );
+    let c = start(
+        kps[2].clone(),
+        Membership::Member {
+            roster,
+            mesh_key: None,
+        },
+        Invites::default(),
+        vec![a.addr.clone()],
+    );
+    eventually("B and C connected", || async {
+        online(&b.net, c.peer).await.then_some(())
+    })
+    .await;
+    a.net.revoke(c.peer).await.unwrap().unwrap();
+    eventually("C gone at A and B", || async {
+        let gone = |peers: Vec<PeerView>| !peers.iter().any(|p| p.peer_id == c.peer.to_string());
+        (gone(a.net.peers().await.unwrap()) && gone(b.net.peers().await.unwrap())).then_some(())
+    })
+    .await;
+    eventually("C sees nobody online", || async {
+        let peers = c.net.peers().await.unwrap();
+        (!peers.iter().any(|p| !p.is_self && p.online)).then_some(())
+    })
+    .await;
+    assert!(online(&a.net, b.peer).await);
+}

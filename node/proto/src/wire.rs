@@ -1,0 +1,117 @@
+//! Messages peers exchange: gossip payloads and request-response pairs, with their limits.
+
+use crate::{Certificate, MeshId, Revocation, RosterSnapshot, Token, UnixTime};
+use serde::{Deserialize, Serialize};
+
+/// Largest gossip message: gossipsub's own default transmit size, so nothing we publish is
+/// refused by a peer running defaults.
+pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+/// Largest request: requests are small (a token, a digest, an admission offer with a roster).
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Largest response: a whole roster of a few thousand members fits with room to spare.
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Most members listed in one [`SyncResponse::Addresses`], and most addresses per member:
+/// enough for any farm we aim at, small enough to keep the answer far under its limit.
+pub const MAX_ADDRESS_ENTRIES: usize = 1024;
+/// Most addresses kept or sent per peer: a machine has a handful of interfaces and transports.
+pub const MAX_ADDRS_PER_PEER: usize = 16;
+
+/// What a peer can do, as it advertises it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub daemon_version: String,
+    pub cores: u32,
+    pub ram_bytes: u64,
+    pub free_disk_bytes: u64,
+    /// GPU names, best effort.
+    pub gpus: Vec<String>,
+    /// Blender's version (`3.4.1`) if the peer found one.
+    pub blender: Option<String>,
+    /// Whether the peer takes render tasks (`--no-render` turns it off).
+    pub render: bool,
+}
+
+/// A peer's periodic status on the `status` topic and in answer to [`SyncRequest::Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Multiaddrs the peer listens on, without `/p2p/`.
+    pub addrs: Vec<String>,
+    pub capabilities: Capabilities,
+    /// The sender's clock when it was sent.
+    pub sent_at: UnixTime,
+}
+
+/// New roster entries, gossiped on the `roster` topic; each one is verified on receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RosterDelta {
+    pub certificates: Vec<Certificate>,
+    pub revocations: Vec<Revocation>,
+}
+
+/// Redeeming an invite (joiner → inviter) or offering admission (member → pending peer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinRequest {
+    /// "I hold this token": answered with [`JoinResponse::Welcome`] or a refusal.
+    Redeem { mesh: MeshId, token: Token },
+    /// "You are admitted": the pending peer adopts the mesh if the certificate is its own.
+    Admit {
+        mesh: MeshId,
+        roster: RosterSnapshot,
+    },
+}
+
+/// Why a join was refused; shown to the person who typed the code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("this invite has already been used")]
+    AlreadyUsed,
+    #[error("this invite has expired")]
+    Expired,
+    #[error("this invite is unknown to the inviter (was it made by another machine or mesh?)")]
+    UnknownToken,
+    #[error("the inviter belongs to another mesh")]
+    WrongMesh,
+    #[error("the inviter cannot sign certificates (it does not hold the mesh key)")]
+    NotAnIssuer,
+    #[error("this peer is already a member of a mesh")]
+    AlreadyMember,
+    #[error("the admission offer carries no valid certificate for this peer")]
+    BadOffer,
+}
+
+/// Answer to a [`JoinRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinResponse {
+    /// The roster, including the joiner's new certificate.
+    Welcome {
+        roster: RosterSnapshot,
+    },
+    /// The pending peer accepted an admission.
+    Accepted,
+    Refused(Refusal),
+}
+
+/// Anti-entropy and status between members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncRequest {
+    /// "My roster digest is this"; answered with the whole roster if it differs.
+    Roster { digest: [u8; 32] },
+    /// "Tell me your status."
+    Status,
+    /// "Which members do you know, and where?" Lets a new member find the others at once.
+    Addresses,
+}
+
+/// Answer to a [`SyncRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncResponse {
+    /// `None` when the digests match.
+    Roster(Option<RosterSnapshot>),
+    Status(PeerStatus),
+    /// Members this peer knows with their multiaddrs (without `/p2p/`), bounded by
+    /// [`MAX_ADDRESS_ENTRIES`].
+    Addresses(Vec<(crate::PeerId, Vec<String>)>),
+    /// The asker is not a member of this peer's mesh.
+    NotAMember,
+}
