@@ -494,3 +494,140 @@ fn garble_changes_one_character_within_the_alphabet() -> Result<()> {
     );
     Ok(())
 }
+
+/// A pre-shared key keeps out machines that lack it, even with a valid invite, and turns QUIC
+/// off; machines that hold it join as usual.
+#[test]
+fn a_pre_shared_key_keeps_out_machines_without_it() {
+    e2e(|| {
+        let (mut a, mesh_id) = Node::init("a")?;
+        let key = a.data_dir().join("swarm.key");
+        fs::write(
+            &key,
+            "/key/swarm/psk/1.0.0/\n/base16/\n\
+             0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n",
+        )?;
+        let key_arg = key.display().to_string();
+        a.up(&[
+            "--psk-file",
+            &key_arg,
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ])?;
+        let listen = string_array(&a.status()?, "listen_addrs")?;
+        ensure!(
+            !listen.iter().any(|l| l.contains("quic")),
+            "a node with a pre-shared key must not listen on QUIC: {listen:?}"
+        );
+
+        let mut b = Node::new("b")?;
+        b.cli_ok(&["join", &a.invite(&[])?])?;
+        b.up(&["--psk-file", &key_arg])?;
+        let mut c = Node::new("c")?;
+        c.cli_ok(&["join", &a.invite(&[])?])?;
+        c.up(&[])?;
+
+        let (a_id, b_id, c_id) = (a.peer_id()?, b.peer_id()?, c.peer_id()?);
+        eventually(ONLINE_WITHIN, POLL, || {
+            all_see_each_other(&[(&a, &a_id), (&b, &b_id)])
+        })
+        .context("two holders of the pre-shared key did not meet")?;
+        is_member_of(&b, &mesh_id)?;
+        always_for(FOREIGN_WATCH, POLL, || {
+            ensure!(
+                !listed_peers(&a.peers()?)?.contains(&c_id),
+                "a node without the key got into the mesh"
+            );
+            ensure!(
+                !c.is_member()?,
+                "a node without the key redeemed its invite"
+            );
+            Ok(())
+        })
+    });
+}
+
+/// What a peer can do travels with it: another member sees its Blender version and cores.
+#[test]
+fn capabilities_reach_the_other_members() {
+    e2e(|| {
+        let (mut a, _) = Node::init("a")?;
+        a.up(&[])?;
+        let mut b = Node::new("b")?;
+        // A stand-in for Blender that answers `--version` like Blender 3.4.1 does.
+        let fake = b
+            .data_dir()
+            .parent()
+            .context("no parent")?
+            .join("fake-blender");
+        fs::write(
+            &fake,
+            "#!/bin/sh\necho 'Blender 3.4.1'\necho '\tbuild date: 2023-01-01'\n",
+        )?;
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755))?;
+        b.cli_ok(&["join", &a.invite(&[])?])?;
+        b.up(&["--blender", &fake.display().to_string()])?;
+        let b_id = b.peer_id()?;
+        let seen = eventually(ONLINE_WITHIN, POLL, || {
+            let peers = a.peers()?;
+            let entry = find_peer(&peers, &b_id).context("A does not list B yet")?;
+            ensure!(
+                entry.get("blender").and_then(Value::as_str) == Some("3.4.1"),
+                "A does not show B's Blender yet: {entry}"
+            );
+            Ok(entry.clone())
+        })?;
+        let cores = seen
+            .pointer("/capabilities/cores")
+            .and_then(Value::as_u64)
+            .context("no cores in B's capabilities")?;
+        ensure!(cores >= 1, "B advertises {cores} cores");
+        // A has no Blender configured: it says so rather than inventing one.
+        let a_entry_at_b = eventually(ONLINE_WITHIN, POLL, || {
+            find_peer(&b.peers()?, &a.peer_id()?)
+                .cloned()
+                .context("B does not list A")
+        })?;
+        let a_blender = a_entry_at_b.get("blender").context("no blender field")?;
+        ensure!(
+            a_blender.is_null() || a_blender.as_str().is_some(),
+            "blender must be a string or null: {a_blender}"
+        );
+        Ok(())
+    });
+}
+
+/// `up --init` makes a working node from nothing, logs to a file in the data dir, and a second
+/// `up --init` keeps the same mesh.
+#[test]
+fn up_init_starts_a_mesh_of_one_and_keeps_it() {
+    e2e(|| {
+        let mut a = Node::new("a")?;
+        a.up(&["--init"])?;
+        let status = a.status()?;
+        ensure!(bool_field(&status, "member")?, "not a member: {status}");
+        let mesh = str_field(&status, "mesh_id")?.to_owned();
+        let roles = string_array(&status, "roles")?;
+        ensure!(
+            roles.iter().any(|r| r == "submit") && roles.iter().any(|r| r == "render"),
+            "the founder should hold every role: {roles:?}"
+        );
+        a.stop()?;
+        let logs: Vec<_> = fs::read_dir(a.data_dir().join("logs"))
+            .context("no logs directory in the data dir")?
+            .filter_map(|e| e.ok())
+            .collect();
+        ensure!(!logs.is_empty(), "no log file was written");
+        let text = fs::read_to_string(logs[0].path())?;
+        ensure!(
+            text.contains("local API ready"),
+            "the log file lacks the start-up lines: {text}"
+        );
+        a.up(&["--init"])?;
+        ensure!(
+            str_field(&a.status()?, "mesh_id")? == mesh,
+            "a second `up --init` must keep the mesh"
+        );
+        Ok(())
+    });
+}

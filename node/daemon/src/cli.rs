@@ -69,6 +69,9 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
+    /// Start a new mesh first if this node is in none and is not joining one (as `init` does).
+    #[arg(long)]
+    pub init: bool,
     /// Address to listen on for peers (repeatable). Default: TCP and QUIC on port 7741.
     #[arg(long, value_name = "MULTIADDR")]
     pub listen: Vec<String>,
@@ -156,6 +159,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 blender: args.blender,
             };
             let config = Config::load(&data_dir, &overrides)?;
+            if args.init && crate::node::may_init(&data_dir)? {
+                let mesh = crate::node::init(&data_dir)?;
+                eprintln!("created mesh {mesh}");
+            }
             let _guard = logging::init(&data_dir, &config.log_level, config.max_log_files)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(crate::node::up(data_dir, config))?;

@@ -138,6 +138,12 @@ pub fn init(data_dir: &DataDir) -> anyhow::Result<MeshId> {
     Ok(key.id())
 }
 
+/// Whether `init` would start a new mesh here: the node is in none and joins none.
+pub fn may_init(data_dir: &DataDir) -> anyhow::Result<bool> {
+    let state = State::open(data_dir)?;
+    Ok(load_roster(&state)?.is_none() && state.get::<String>(KEY_JOIN_CODE)?.is_none())
+}
+
 /// `blendnet join CODE`: checks the code and stores it for the next `up`.
 pub fn join(data_dir: &DataDir, code: &InviteCode) -> anyhow::Result<()> {
     let state = State::open(data_dir)?;
