@@ -370,10 +370,22 @@ impl NetActor {
             })
             .map(|(p, _)| *p)
             .collect();
+        // LAN machines that just became members: what mDNS said of them is now worth dialling.
+        let admitted: Vec<PeerId> = self
+            .lan
+            .keys()
+            .filter(|p| roster.is_member(p, now))
+            .copied()
+            .collect();
         for peer in gone {
             tracing::info!(%peer, "disconnecting: no longer a member");
             let _ = self.swarm.disconnect_peer_id(peer);
             self.swarm.behaviour_mut().kad.remove_peer(&peer);
+        }
+        for peer in admitted {
+            if let Some(addrs) = self.lan.remove(&peer) {
+                self.learn_addrs(peer, addrs);
+            }
         }
         self.emit(Event::RosterChanged {
             mesh,
@@ -462,6 +474,8 @@ impl NetActor {
                 self.capabilities = capabilities;
                 self.next_status = Instant::now();
             }
+            #[cfg(test)]
+            NetMessage::Discovered(found) => self.on_mdns(found),
         }
     }
 
@@ -724,9 +738,9 @@ impl NetActor {
                     revocations: Vec::new(),
                 });
                 self.on_roster_changed(was_active);
-                // Reconnect as members, so every protocol starts from a clean slate.
+                // Reconnect as members, so every protocol starts from a clean slate
+                // (on_roster_changed moved its LAN addresses to the member's).
                 let _ = self.swarm.disconnect_peer_id(peer);
-                self.lan.remove(&peer);
             }
             let _ = admission.reply.send(result);
             self.refresh_gate();
@@ -893,6 +907,16 @@ impl NetActor {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, %error, "dial failed");
+                if let Some(peer) = peer_id
+                    && self
+                        .admissions
+                        .get(&peer)
+                        .is_some_and(|a| a.request.is_none())
+                    && !self.connected(&peer)
+                {
+                    let reason = error.to_string();
+                    self.finish_admission(peer, Err(AdmitError::Unreachable { peer, reason }));
+                }
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::debug!(%error, "incoming connection refused");

@@ -290,6 +290,9 @@ pub enum NetMessage {
         reply: oneshot::Sender<Result<(), PublishError>>,
     },
     SetCapabilities(Capabilities),
+    /// Tests stand in for mDNS, which the memory transport cannot carry.
+    #[cfg(test)]
+    Discovered(Vec<(PeerId, Multiaddr)>),
 }
 
 /// The cloneable handle to the network actor. Every method is cancel-safe: dropping the future

@@ -535,3 +535,95 @@ async fn a_revoked_member_is_disconnected_everywhere() {
     .await;
     assert!(online(&a.net, b.peer).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_lan_machine_is_admitted_by_fingerprint() {
+    let (key, kps, roster) = mesh(&[Roles::default_member(), Roles::default_member()]);
+    let a = start(
+        kps[0].clone(),
+        Membership::Member {
+            roster: roster.clone(),
+            mesh_key: Some(key),
+        },
+        Invites::default(),
+        vec![],
+    );
+    let b = start(
+        kps[1].clone(),
+        Membership::Member {
+            roster,
+            mesh_key: None,
+        },
+        Invites::default(),
+        vec![a.addr.clone()],
+    );
+    let p = start(
+        identity::Keypair::generate_ed25519(),
+        Membership::Pending,
+        Invites::default(),
+        vec![],
+    );
+    eventually("A and B connected", || async {
+        online(&a.net, b.peer).await.then_some(())
+    })
+    .await;
+    // What mDNS would report on a LAN.
+    for node in [&a, &b] {
+        node.net
+            .tx
+            .send(crate::NetMessage::Discovered(vec![(
+                p.peer,
+                p.addr.clone(),
+            )]))
+            .await
+            .unwrap();
+    }
+    let pending = a.net.pending().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    let fingerprint: blendnet_proto::Fingerprint = pending[0].fingerprint.parse().unwrap();
+    assert_eq!(fingerprint, blendnet_proto::Fingerprint::of(&p.peer));
+    // B does not hold the mesh key: it cannot admit.
+    assert!(matches!(
+        b.net.admit(fingerprint).await.unwrap(),
+        Err(crate::AdmitError::NotAnIssuer)
+    ));
+    // A typo names nobody.
+    let other = blendnet_proto::Fingerprint::of(&PeerId::random());
+    assert!(matches!(
+        a.net.admit(other).await.unwrap(),
+        Err(crate::AdmitError::NoSuchPeer(_))
+    ));
+    assert_eq!(a.net.admit(fingerprint).await.unwrap().unwrap(), p.peer);
+    let status = p.net.status().await.unwrap();
+    assert!(status.member, "{status:?}");
+    assert_eq!(status.mesh_id, a.net.status().await.unwrap().mesh_id);
+    eventually("P online at B", || async {
+        online(&b.net, p.peer).await.then_some(())
+    })
+    .await;
+    assert!(a.net.pending().await.unwrap().is_empty());
+    // Once a member, another mesh's owner cannot take it over: its gate refuses strangers.
+    let (key2, kps2, roster2) = mesh(&[Roles::default_member()]);
+    let x = start(
+        kps2[0].clone(),
+        Membership::Member {
+            roster: roster2,
+            mesh_key: Some(key2),
+        },
+        Invites::default(),
+        vec![],
+    );
+    x.net
+        .tx
+        .send(crate::NetMessage::Discovered(vec![(
+            p.peer,
+            p.addr.clone(),
+        )]))
+        .await
+        .unwrap();
+    assert!(x.net.admit(fingerprint).await.unwrap().is_err());
+    assert_eq!(
+        p.net.status().await.unwrap().mesh_id,
+        a.net.status().await.unwrap().mesh_id
+    );
+}
