@@ -50,30 +50,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// 256 bits: not guessable, whatever the rate of tries.
 pub const TOKEN_BYTES: usize = 32;
 
-/// What the node reports about itself: `GET /v1/status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusView {
-    /// This node's libp2p peer id.
-    pub peer_id: String,
-    /// A short fingerprint of the peer id that people compare by eye when admitting.
-    pub fingerprint: String,
-    /// The mesh this node belongs to, if any.
-    pub mesh_id: Option<String>,
-    /// Whether this node holds a valid member certificate.
-    pub member: bool,
-    /// `pending` (in no mesh), `joining` (redeeming an invite), `member` or `revoked`.
-    pub state: String,
-    /// The roles of its certificate (`submit`, `render`, `coordinate`, `provision`).
-    pub roles: Vec<String>,
-    /// Addresses it listens on for peers.
-    pub listen_addrs: Vec<String>,
-    /// Connected peers.
-    pub peer_count: usize,
-    /// The daemon's version.
-    pub version: String,
-    /// The data directory.
-    pub data_dir: String,
-}
+/// What the node reports about itself: `GET /v1/status`. The network actor's own view.
+pub type StatusView = blendnet_net::NodeStatus;
 
 /// `POST /v1/invites`: make a single-use invite code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -409,7 +387,6 @@ pub(crate) mod fake {
                 listen_addrs: vec!["/ip4/127.0.0.1/tcp/7741".into()],
                 peer_count: 2,
                 version: "0.1.0".into(),
-                data_dir: "/tmp/x".into(),
             })
         }
 

@@ -325,10 +325,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding the API to {}", config.api))?;
     let api_addr = listener.local_addr()?;
     let token = api::new_token();
-    let backend = NodeBackend {
-        net: net.clone(),
-        data_dir: data_dir.path().display().to_string(),
-    };
+    let backend = NodeBackend { net: net.clone() };
     let api_task = tokio::spawn(api::serve(
         listener,
         token.clone(),
@@ -416,7 +413,6 @@ fn persist(state: &State, event: Event) {
 #[derive(Debug, Clone)]
 struct NodeBackend {
     net: Net,
-    data_dir: String,
 }
 
 fn stopped_error(_: blendnet_net::Stopped) -> ApiError {
@@ -425,19 +421,7 @@ fn stopped_error(_: blendnet_net::Stopped) -> ApiError {
 
 impl Backend for NodeBackend {
     async fn status(&self) -> Result<StatusView, ApiError> {
-        let s = self.net.status().await.map_err(stopped_error)?;
-        Ok(StatusView {
-            peer_id: s.peer_id,
-            fingerprint: s.fingerprint,
-            mesh_id: s.mesh_id,
-            member: s.member,
-            state: s.state,
-            roles: s.roles,
-            listen_addrs: s.listen_addrs,
-            peer_count: s.peer_count,
-            version: s.version,
-            data_dir: self.data_dir.clone(),
-        })
+        self.net.status().await.map_err(stopped_error)
     }
 
     async fn peers(&self, pending: bool) -> Result<serde_json::Value, ApiError> {

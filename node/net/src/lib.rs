@@ -30,7 +30,7 @@ pub use libp2p::{Multiaddr, PeerId, identity};
 use blendnet_core::{Invites, Roster};
 use blendnet_proto::wire::{Capabilities, Refusal};
 use blendnet_proto::{Fingerprint, InviteCode, MeshId, MeshKey, Roles, RosterSnapshot, Topic};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -161,7 +161,7 @@ pub struct Spawned {
 }
 
 /// This node as `status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub peer_id: String,
     pub fingerprint: String,
