@@ -18,8 +18,8 @@
 //!   printed instead when `BLENDNET_KEEP_TMP` is set).
 //!
 //! The binary under test is `$BLENDNET_BIN` if set, else `target/debug/blendnet` next to the test
-//! executable. Cargo does not build another package's binary for a test, so run
-//! `cargo build --bin blendnet` before `cargo test -p blendnet-tests`.
+//! executable. Cargo does not build another package's binary for a test, so the harness runs
+//! `cargo build --workspace --bins` once per test process first (a no-op when it is fresh).
 //!
 //! Typical use:
 //!
@@ -94,6 +94,37 @@ thread_local! {
     static DROPPED_REPORTS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Builds `blendnet` once per test process with the Cargo that runs the tests (`$CARGO`), so an
+/// end-to-end test never runs a binary older than the source: `cargo test` alone does not
+/// build another package's binaries. Without `$CARGO` (a test executable run by hand) it
+/// builds nothing.
+fn build_once() -> Result<()> {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let result = BUILT.get_or_init(|| {
+        let Some(cargo) = std::env::var_os("CARGO") else {
+            return Ok(());
+        };
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| "the tests crate has no parent directory".to_string())?;
+        let out = Command::new(cargo)
+            .args(["build", "--quiet", "--workspace", "--bins"])
+            .current_dir(&workspace)
+            .output()
+            .map_err(|e| format!("cannot run cargo to build blendnet: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "`cargo build --workspace --bins` failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    });
+    result.clone().map_err(|e| anyhow::anyhow!(e))
+}
+
 /// Finds the `blendnet` binary: `$BLENDNET_BIN`, else `blendnet` in the Cargo profile directory
 /// of the running test executable (`target/debug/deps/mesh-…` → `target/debug/blendnet`).
 pub fn blendnet_bin() -> Result<PathBuf> {
@@ -106,6 +137,7 @@ pub fn blendnet_bin() -> Result<PathBuf> {
         );
         return Ok(bin);
     }
+    build_once()?;
     let exe = std::env::current_exe().context("cannot find the test executable's path")?;
     let deps = exe
         .parent()
@@ -119,7 +151,7 @@ pub fn blendnet_bin() -> Result<PathBuf> {
     let bin = profile.join(format!("blendnet{}", std::env::consts::EXE_SUFFIX));
     ensure!(
         bin.is_file(),
-        "the blendnet binary is missing at {}: run `cargo build --bin blendnet` first \
+        "the blendnet binary is missing at {}: run `cargo build --workspace --bins` first \
          (or set {BIN_ENV} to a built binary)",
         bin.display()
     );

@@ -4,7 +4,7 @@
 //! run them in parallel. The longest one reuses one three-node mesh for a sequence of checks
 //! (join, foreign mesh, restart, revoke) to keep the wall time of this binary low.
 //!
-//! Needs the daemon binary: `cargo build --bin blendnet && cargo test -p blendnet-tests`.
+//! The harness builds the daemon binary first: `cargo test -p blendnet-tests` is enough.
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -19,9 +19,8 @@
 //! max_log_files = 7
 //! ```
 //!
-//! Multiaddresses stay strings here: this crate does not link libp2p's parser. [`Config::validate`]
-//! checks the shape it can (each is a `/`-separated multiaddr, not `HOST:PORT`); the `net` crate
-//! parses them fully and reports ``invalid value for `listen[1]`: ...`` in the same style.
+//! Multiaddresses stay strings here, as written; [`Config::validate`] parses each one and
+//! reports ``invalid value for `listen[1]` ...`` naming the entry.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read};
@@ -311,13 +310,13 @@ impl Config {
         }
     }
 
-    /// Checks what can be checked without libp2p: each multiaddress has the multiaddr shape,
+    /// Checks every value: each multiaddress parses,
     /// `api` is a loopback address, `log_level` parses as an `EnvFilter`, `max_log_files` is
     /// at least 1, and `psk_file` (if set) is an existing file.
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (key, list) in [("listen", &self.listen), ("bootstrap", &self.bootstrap)] {
             for (i, addr) in list.iter().enumerate() {
-                check_multiaddr_shape(addr).map_err(|reason| ConfigError::Invalid {
+                check_multiaddr(addr).map_err(|reason| ConfigError::Invalid {
                     key: format!("{key}[{i}]"),
                     origin: self.origin(key),
                     reason,
@@ -409,24 +408,17 @@ impl FileField<'_> {
     }
 }
 
-/// The shape of a multiaddr, without knowing protocol names: `/proto/value/...`, no empty
-/// component, no whitespace. Catches the common mistake of writing `HOST:PORT`.
-fn check_multiaddr_shape(addr: &str) -> Result<(), String> {
-    if addr.is_empty() {
-        return Err("empty address".to_owned());
-    }
+/// Checks that `addr` parses as a libp2p multiaddr, with a hint for the common mistake of
+/// writing `HOST:PORT`.
+fn check_multiaddr(addr: &str) -> Result<(), String> {
     if !addr.starts_with('/') {
         return Err(format!(
             "{addr:?} is not a multiaddress; write it like \"/ip4/192.168.1.5/tcp/{DEFAULT_PORT}\""
         ));
     }
-    if addr.chars().any(char::is_whitespace) {
-        return Err(format!("{addr:?} contains whitespace"));
-    }
-    if addr[1..].split('/').any(str::is_empty) {
-        return Err(format!("{addr:?} has an empty component"));
-    }
-    Ok(())
+    addr.parse::<blendnet_net::Multiaddr>()
+        .map(|_| ())
+        .map_err(|e| format!("{addr:?} is not a multiaddress: {e}"))
 }
 
 /// Reads the file if it exists, refusing one larger than [`MAX_CONFIG_BYTES`].
@@ -473,6 +465,16 @@ mod tests {
     }
 
     #[test]
+    fn a_multiaddr_that_does_not_parse_is_named_by_its_entry() {
+        let (err, msg, _dir, _tmp) =
+            load_err("listen = [\"/ip4/127.0.0.1/tcp/0\", \"/ip4/999.0.0.1/tcp/1\"]");
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err:?}");
+        assert!(msg.contains("`listen[1]`"), "{msg}");
+        let (_, msg, _dir, _tmp) = load_err("bootstrap = [\"/ip4/1.2.3.4/tcp/7741/p2p/nope\"]");
+        assert!(msg.contains("`bootstrap[0]`"), "{msg}");
+    }
+
+    #[test]
     fn missing_file_gives_defaults() {
         let (_tmp, dir) = dir_with(None);
         let config = Config::load(&dir, &Overrides::default()).unwrap();
@@ -496,7 +498,7 @@ mod tests {
         let (_tmp, dir) = dir_with(Some(
             r#"
             listen = ["/ip4/127.0.0.1/tcp/9000"]
-            bootstrap = ["/ip4/10.0.0.2/tcp/7741/p2p/12D3KooW"]
+            bootstrap = ["/ip4/10.0.0.2/tcp/7741/p2p/12D3KooWJnagPNcxTwpPBpUApYy4y8Q1K5kbCBS7L2iQcCy2vRbF"]
             api = "127.0.0.1:8123"
             render = false
             mdns = false
@@ -507,7 +509,10 @@ mod tests {
         ));
         let config = Config::load(&dir, &Overrides::default()).unwrap();
         assert_eq!(config.listen, ["/ip4/127.0.0.1/tcp/9000"]);
-        assert_eq!(config.bootstrap, ["/ip4/10.0.0.2/tcp/7741/p2p/12D3KooW"]);
+        assert_eq!(
+            config.bootstrap,
+            ["/ip4/10.0.0.2/tcp/7741/p2p/12D3KooWJnagPNcxTwpPBpUApYy4y8Q1K5kbCBS7L2iQcCy2vRbF"]
+        );
         assert_eq!(config.api.port(), 8123);
         assert!(!config.render);
         assert!(!config.mdns);
