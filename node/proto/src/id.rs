@@ -125,3 +125,61 @@ mod tests {
         assert!("abc".parse::<MeshId>().is_err());
     }
 }
+
+/// A blob's name: the BLAKE3 hash of its bytes (the bao root). Shown as 64 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlobHash(pub [u8; 32]);
+
+impl BlobHash {
+    /// The hash of `bytes`.
+    pub fn of(bytes: &[u8]) -> BlobHash {
+        BlobHash(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// The first 12 hex digits: enough to tell blobs apart in logs.
+    pub fn short(&self) -> String {
+        self.to_string()[..12].to_string()
+    }
+}
+
+impl fmt::Display for BlobHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&data_encoding::HEXLOWER.encode(&self.0))
+    }
+}
+
+impl fmt::Debug for BlobHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlobHash({})", self.short())
+    }
+}
+
+/// Text that is not 64 hex digits.
+#[derive(Debug, thiserror::Error)]
+#[error("not a blob hash: {0:?} (expected 64 hex digits)")]
+pub struct BadBlobHash(String);
+
+impl FromStr for BlobHash {
+    type Err = BadBlobHash;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = data_encoding::HEXLOWER_PERMISSIVE
+            .decode(s.trim().as_bytes())
+            .map_err(|_| BadBlobHash(s.to_string()))?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| BadBlobHash(s.to_string()))?;
+        Ok(BlobHash(arr))
+    }
+}
+
+#[cfg(test)]
+mod blob_hash_tests {
+    use super::*;
+
+    #[test]
+    fn blob_hash_round_trips_and_matches_blake3() {
+        let h = BlobHash::of(b"hello");
+        assert_eq!(h.to_string(), blake3::hash(b"hello").to_hex().to_string());
+        assert_eq!(h.to_string().parse::<BlobHash>().unwrap(), h);
+        assert_eq!(h.to_string().to_uppercase().parse::<BlobHash>().unwrap(), h);
+        assert!("abc".parse::<BlobHash>().is_err());
+    }
+}

@@ -17,7 +17,7 @@ pub mod invite;
 pub mod wire;
 
 pub use cert::{Certificate, MeshKey, Revocation, Role, Roles, RosterSnapshot};
-pub use id::{Fingerprint, MeshId};
+pub use id::{BlobHash, Fingerprint, MeshId};
 pub use invite::{InviteCode, InviteError, Token};
 pub use libp2p_identity::PeerId;
 
