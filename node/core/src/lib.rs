@@ -5,8 +5,10 @@
 //! - [`roster`]: the member roster, a CRDT of certificates and revocations, and the checks
 //!   that gossip must pass (membership and role).
 //! - [`invites`]: single-use, expiring invite tokens held by an inviter.
+//! - [`picker`]: which piece of a blob to fetch from which provider next.
 
 pub mod invites;
+pub mod picker;
 pub mod roster;
 
 pub use invites::{Invite, Invites};
