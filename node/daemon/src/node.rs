@@ -279,6 +279,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         net,
         mut events,
         deliveries,
+        blobs: _,
         task: net_task,
     } = blendnet_net::spawn(
         blendnet_net::Config {

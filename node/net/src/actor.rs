@@ -121,6 +121,8 @@ pub struct NetActor {
     commands: mpsc::Receiver<NetMessage>,
     events: mpsc::UnboundedSender<Event>,
     deliveries: mpsc::Sender<Delivery>,
+    /// Members in good standing, for the blob streams that run outside this loop.
+    members: tokio::sync::watch::Sender<std::sync::Arc<HashSet<PeerId>>>,
     next_status: Instant,
     next_sync: Instant,
     next_bootstrap: Instant,
@@ -157,6 +159,7 @@ impl NetActor {
         commands: mpsc::Receiver<NetMessage>,
         events: mpsc::UnboundedSender<Event>,
         deliveries: mpsc::Sender<Delivery>,
+        members: tokio::sync::watch::Sender<std::sync::Arc<HashSet<PeerId>>>,
     ) -> Result<NetActor, BuildError> {
         let local = config.keypair.public().to_peer_id();
         let psk = matches!(config.transport, Transport::Network { psk: Some(_) });
@@ -194,6 +197,7 @@ impl NetActor {
             commands,
             events,
             deliveries,
+            members,
             next_status: now,
             next_sync: now + SYNC_INTERVAL,
             next_bootstrap: now,
@@ -212,6 +216,11 @@ impl NetActor {
         }
         actor.refresh_gate();
         Ok(actor)
+    }
+
+    /// A control for the blob stream protocol.
+    pub(crate) fn stream_control(&self) -> libp2p_stream::Control {
+        self.swarm.behaviour().streams.new_control()
     }
 
     /// Runs until `shutdown` completes or every handle is dropped.
@@ -312,6 +321,22 @@ impl NetActor {
             }
         };
         denied.extend(self.banned.keys().copied());
+        let members: HashSet<PeerId> = if self.active() {
+            let now = unix_now();
+            self.roster()
+                .map(|r| r.members(now).into_keys().filter(|p| *p != self.local).collect())
+                .unwrap_or_default()
+        } else {
+            HashSet::new()
+        };
+        self.members.send_if_modified(|current| {
+            if **current == members {
+                false
+            } else {
+                *current = std::sync::Arc::new(members);
+                true
+            }
+        });
         self.swarm
             .behaviour_mut()
             .gate

@@ -59,6 +59,8 @@ pub struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
     pub join: JoinBehaviour,
     pub sync: SyncBehaviour,
+    /// Bulk data (blobs): raw streams, driven outside the swarm loop.
+    pub streams: libp2p_stream::Behaviour,
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -131,6 +133,7 @@ impl Behaviour {
                 )],
                 rr_config,
             ),
+            streams: libp2p_stream::Behaviour::new(),
         })
     }
 }

@@ -18,12 +18,14 @@
 
 mod actor;
 pub mod behaviour;
+pub mod blobs;
 pub mod codec;
 pub mod gate;
 #[cfg(test)]
 mod swarm_tests;
 
 pub use actor::NetActor;
+pub use blobs::{BlobStream, BlobStreams, Incoming};
 pub use libp2p::pnet::PreSharedKey;
 pub use libp2p::{Multiaddr, PeerId, identity};
 
@@ -155,6 +157,8 @@ pub struct Delivery {
 #[derive(Debug)]
 pub struct Spawned {
     pub net: Net,
+    /// Streams of the blob protocol, opened and accepted outside the swarm loop.
+    pub blobs: BlobStreams,
     pub events: mpsc::UnboundedReceiver<Event>,
     pub deliveries: mpsc::Receiver<Delivery>,
     pub task: tokio::task::JoinHandle<()>,
@@ -379,10 +383,13 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (events_tx, events) = mpsc::unbounded_channel();
     let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
-    let actor = NetActor::new(config, rx, events_tx, deliveries_tx)?;
+    let (members_tx, members) = tokio::sync::watch::channel(Default::default());
+    let actor = NetActor::new(config, rx, events_tx, deliveries_tx, members_tx)?;
+    let blobs = BlobStreams::new(actor.stream_control(), members);
     let task = tokio::spawn(actor.run(shutdown));
     Ok(Spawned {
         net: Net { tx },
+        blobs,
         events,
         deliveries,
         task,

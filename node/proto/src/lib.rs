@@ -27,6 +27,8 @@ use serde::{Serialize, de::DeserializeOwned};
 pub const JOIN_PROTOCOL: &str = "/blendnet/join/1";
 /// Request-response protocol for anti-entropy (roster digest, then the roster) and status.
 pub const SYNC_PROTOCOL: &str = "/blendnet/sync/1";
+/// Stream protocol for blobs: "what do you hold of this blob?" and "send me these ranges".
+pub const BLOB_PROTOCOL: &str = "/blendnet/blob/1";
 /// Kademlia protocol name: private, so our DHT never mixes with the public IPFS one.
 pub const KAD_PROTOCOL: &str = "/blendnet/kad/1";
 /// Identify protocol version string: peers that announce another one are not BlendNet peers.
