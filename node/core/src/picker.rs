@@ -176,6 +176,11 @@ impl<P: Ord + Clone> Picker<P> {
         self.release(piece, provider);
     }
 
+    /// Whether `piece` is verified.
+    pub fn is_done(&self, piece: u64) -> bool {
+        self.done.contains(&piece)
+    }
+
     /// Whether every piece is verified.
     pub fn is_complete(&self) -> bool {
         self.done.len() as u64 == self.pieces
@@ -188,7 +193,9 @@ impl<P: Ord + Clone> Picker<P> {
 
     /// Pieces in flight from `provider`.
     pub fn in_flight_from(&self, provider: &P) -> usize {
-        self.providers.get(provider).map_or(0, |p| p.in_flight.len())
+        self.providers
+            .get(provider)
+            .map_or(0, |p| p.in_flight.len())
     }
 }
 
@@ -215,7 +222,10 @@ mod tests {
             p.next(&"seeder").unwrap()
         };
         let firsts: BTreeSet<u64> = (0..8).map(first).collect();
-        assert!(firsts.len() > 4, "seeds should spread first picks: {firsts:?}");
+        assert!(
+            firsts.len() > 4,
+            "seeds should spread first picks: {firsts:?}"
+        );
     }
 
     #[test]
@@ -244,7 +254,11 @@ mod tests {
         let mut p: Picker<&str> = Picker::new(3, [0], 3);
         p.set_provider("bad", Availability::All);
         let got: BTreeSet<u64> = std::iter::from_fn(|| p.next(&"bad")).take(4).collect();
-        assert_eq!(got, [1, 2].into(), "piece 0 is done; 1 and 2 once each, no end game with one provider");
+        assert_eq!(
+            got,
+            [1, 2].into(),
+            "piece 0 is done; 1 and 2 once each, no end game with one provider"
+        );
         p.remove_provider(&"bad");
         p.set_provider("good", Availability::All);
         assert!(p.next(&"good").is_some());

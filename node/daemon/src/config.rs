@@ -17,6 +17,9 @@
 //! # blender = "/opt/blender/blender"
 //! log_level = "info"
 //! max_log_files = 7
+//!
+//! [store]
+//! quota = "50 GiB"                  # bytes of blobs kept; least-recently-used evicted
 //! ```
 //!
 //! Multiaddresses stay strings here, as written; [`Config::validate`] parses each one and
@@ -40,7 +43,7 @@ pub const DEFAULT_PORT: u16 = 7741;
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// Every key the file may contain, in the order the documentation lists them.
-pub const KEYS: [&str; 9] = [
+pub const KEYS: [&str; 10] = [
     "listen",
     "bootstrap",
     "api",
@@ -50,6 +53,7 @@ pub const KEYS: [&str; 9] = [
     "blender",
     "log_level",
     "max_log_files",
+    "store",
 ];
 
 /// The node's configuration after the file and the flags are merged.
@@ -89,6 +93,10 @@ pub struct Config {
     /// `max_log_files`: how many daily log files to keep in `<data dir>/logs/` (at least 1).
     /// Default `7`.
     pub max_log_files: usize,
+    /// `store.quota` (in a `[store]` table): most bytes of blobs the store keeps; unpinned
+    /// blobs are evicted least-recently-used first to stay under it. An integer of bytes or a
+    /// string such as `"50 GiB"` or `"500MB"`. Default none (bounded by the disk).
+    pub store_quota: Option<u64>,
     /// The file this configuration was read from (or would have been, when missing).
     #[serde(skip)]
     file: PathBuf,
@@ -112,6 +120,7 @@ impl Default for Config {
             blender: None,
             log_level: "info".to_owned(),
             max_log_files: 7,
+            store_quota: None,
             file: PathBuf::new(),
             from_flags: BTreeSet::new(),
         }
@@ -253,6 +262,25 @@ impl Config {
                 "blender" => config.blender = Some(field.parse(value)?),
                 "log_level" => config.log_level = field.parse(value)?,
                 "max_log_files" => config.max_log_files = field.parse(value)?,
+                "store" => {
+                    let table: toml::Table = field.parse(value)?;
+                    for (sub, value) in table {
+                        let key = format!("store.{sub}");
+                        let field = FileField { path, key: &key };
+                        match sub.as_str() {
+                            "quota" => {
+                                config.store_quota =
+                                    Some(parse_size(value).map_err(|r| field.invalid(r))?)
+                            }
+                            _ => {
+                                return Err(ConfigError::UnknownKey {
+                                    key,
+                                    path: path.to_owned(),
+                                });
+                            }
+                        }
+                    }
+                }
                 _ => {
                     return Err(ConfigError::UnknownKey {
                         key,
@@ -421,6 +449,44 @@ fn check_multiaddr(addr: &str) -> Result<(), String> {
         .map_err(|e| format!("{addr:?} is not a multiaddress: {e}"))
 }
 
+/// Parses a size: an integer of bytes, or a string such as `"50 GiB"`, `"500MB"`, `"1024"`.
+fn parse_size(value: toml::Value) -> Result<u64, String> {
+    let text = match value {
+        toml::Value::Integer(n) => return u64::try_from(n).map_err(|_| format!("{n} is negative")),
+        toml::Value::String(s) => s,
+        other => return Err(format!("{other} is not a size such as \"50 GiB\"")),
+    };
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as \"50 GiB\""))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{text:?} has an unknown unit (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            ));
+        }
+    };
+    let bytes = number * scale as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is not a usable size"));
+    }
+    Ok(bytes as u64)
+}
+
 /// Reads the file if it exists, refusing one larger than [`MAX_CONFIG_BYTES`].
 fn read_bounded(path: &Path) -> Result<Option<String>, ConfigError> {
     let read_err = |source| ConfigError::Read {
@@ -472,6 +538,26 @@ mod tests {
         assert!(msg.contains("`listen[1]`"), "{msg}");
         let (_, msg, _dir, _tmp) = load_err("bootstrap = [\"/ip4/1.2.3.4/tcp/7741/p2p/nope\"]");
         assert!(msg.contains("`bootstrap[0]`"), "{msg}");
+    }
+
+    #[test]
+    fn store_quota_takes_units_and_names_bad_keys() {
+        let (_tmp, dir) = dir_with(Some("[store]\nquota = \"2 GiB\"\n"));
+        let config = Config::load(&dir, &Overrides::default()).unwrap();
+        assert_eq!(config.store_quota, Some(2 << 30));
+        let (_tmp, dir) = dir_with(Some("[store]\nquota = 5000\n"));
+        assert_eq!(
+            Config::load(&dir, &Overrides::default())
+                .unwrap()
+                .store_quota,
+            Some(5000)
+        );
+        let (_, msg, _, _tmp) = load_err("[store]\nquota = \"lots\"\n");
+        assert!(msg.contains("`store.quota`"), "{msg}");
+        let (_, msg, _, _tmp) = load_err("[store]\nquota = \"5 parsecs\"\n");
+        assert!(msg.contains("`store.quota`"), "{msg}");
+        let (_, msg, _, _tmp) = load_err("[store]\nqouta = 1\n");
+        assert!(msg.contains("store.qouta"), "{msg}");
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! `State`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
@@ -48,7 +49,7 @@ fn definition(name: &'static str) -> Table {
 /// The node's durable key-value state. `Send + Sync`; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct State {
-    db: redb::Database,
+    db: Arc<redb::Database>,
     path: PathBuf,
 }
 
@@ -123,7 +124,7 @@ impl State {
             },
         })?;
         let state = Self {
-            db,
+            db: Arc::new(db),
             path: path.to_owned(),
         };
         // Create both tables now so that reads never meet a missing table.
@@ -133,6 +134,12 @@ impl State {
             Ok(())
         })?;
         Ok(state)
+    }
+
+    /// The database itself, for other owners of tables in it (the blob store): one database
+    /// per node, so one commit order and one lock.
+    pub fn database(&self) -> Arc<redb::Database> {
+        self.db.clone()
     }
 
     /// The database file.

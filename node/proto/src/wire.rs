@@ -115,3 +115,40 @@ pub enum SyncResponse {
     /// The asker is not a member of this peer's mesh.
     NotAMember,
 }
+
+/// Largest blob request: a hash and a bounded list of ranges.
+pub const MAX_BLOB_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest blob response header (the `Has` answer lists ranges).
+pub const MAX_BLOB_HEADER_BYTES: usize = 1024 * 1024;
+/// Most ranges in one request or answer: a fragmented partial blob is summarised, not listed
+/// chunk by chunk.
+pub const MAX_BLOB_RANGES: usize = 4096;
+
+/// A request on the blob protocol. Ranges are half-open runs of 1 KiB BLAKE3 chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobRequest {
+    /// "What do you hold of this blob?"
+    Has { hash: crate::BlobHash },
+    /// "Send me the verified encoding of these ranges."
+    Get {
+        hash: crate::BlobHash,
+        ranges: Vec<(u64, u64)>,
+    },
+}
+
+/// The header of an answer on the blob protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobResponse {
+    /// What the provider holds, verified: the whole blob, or these chunk ranges of it.
+    Has {
+        size: u64,
+        complete: bool,
+        ranges: Vec<(u64, u64)>,
+    },
+    /// The provider holds nothing of it.
+    NotFound,
+    /// The bao encoding of the requested ranges follows, until the stream ends.
+    Data { size: u64 },
+    /// The provider will not serve this request; the reason is for logs.
+    Refused(String),
+}
