@@ -2,12 +2,14 @@
 //!
 //! A blob is fetched in pieces (runs of chunk groups). The picker knows which pieces this node
 //! has verified, which each provider can serve, and which are in flight from whom. It picks
-//! the rarest piece a provider can serve (fewest providers hold it), so the pieces only the
-//! seeder holds leave it first and once, and the others come from the fetchers that already
-//! hold them. Ties are broken by a per-node seed, so fetchers starting together ask the seeder
-//! for different pieces. When every missing piece is in flight (the end game), a free provider
-//! duplicates a piece that only one other provider is fetching, so one slow provider cannot
-//! hold up the end; the first verified copy wins.
+//! the rarest piece a provider can serve (fewest providers hold it), and asks a provider that
+//! holds everything (the seeder) only for pieces no fellow fetcher holds, so each piece leaves
+//! the seeder about once and the fetchers trade the rest. Ties are broken by a per-node seed,
+//! so fetchers starting together ask the seeder for different pieces. A provider may defer a
+//! piece ("fetch it elsewhere"); it is not asked again until availability changes. When every
+//! missing piece is in flight (the end game), a free provider duplicates a piece that only one
+//! other provider is fetching, so one slow provider cannot hold up the end; the first verified
+//! copy wins.
 //!
 //! Pure: no I/O, no clock, generic over the provider id.
 
@@ -48,6 +50,9 @@ pub struct Picker<P: Ord + Clone> {
     providers: BTreeMap<P, Provider>,
     /// Most providers fetching one piece at once in the end game.
     max_copies: usize,
+    /// (provider, piece) pairs not to ask for until availability changes: the provider said
+    /// the piece is better fetched elsewhere.
+    deferred: BTreeSet<(P, u64)>,
 }
 
 /// A deterministic mix of the seed and a piece index (splitmix64), for tie-breaking.
@@ -69,11 +74,14 @@ impl<P: Ord + Clone> Picker<P> {
             in_flight: BTreeMap::new(),
             providers: BTreeMap::new(),
             max_copies: 2,
+            deferred: BTreeSet::new(),
         }
     }
 
-    /// Adds a provider or replaces what it can serve.
+    /// Adds a provider or replaces what it can serve. Deferred pieces may be asked for again:
+    /// what the others hold has changed.
     pub fn set_provider(&mut self, provider: P, availability: Availability) {
+        self.deferred.clear();
         let in_flight = self
             .providers
             .remove(&provider)
@@ -119,10 +127,26 @@ impl<P: Ord + Clone> Picker<P> {
     /// nothing useful now.
     pub fn next(&mut self, provider: &P) -> Option<u64> {
         let prov = self.providers.get(provider)?;
+        // A provider holding everything (the seeder) is asked only for pieces that no partial
+        // provider (a fellow fetcher) holds: those can come from the fetchers instead, which
+        // keeps the seeder's upload near one copy of the blob.
+        let spare_seeder = matches!(prov.availability, Availability::All)
+            && self
+                .providers
+                .iter()
+                .any(|(q, p)| q != provider && matches!(p.availability, Availability::Pieces(_)));
+        let held_by_a_fetcher = |piece: u64| {
+            self.providers.iter().any(|(q, p)| {
+                q != provider
+                    && matches!(&p.availability, Availability::Pieces(set) if set.contains(&piece))
+            })
+        };
         let candidates = (0..self.pieces).filter(|piece| {
             !self.done.contains(piece)
                 && prov.availability.has(*piece)
                 && !prov.in_flight.contains(piece)
+                && (!spare_seeder || !held_by_a_fetcher(*piece))
+                && !self.deferred.contains(&(provider.clone(), *piece))
         });
         // Fresh pieces first, rarest first, then by the seeded order.
         let fresh = candidates
@@ -174,6 +198,13 @@ impl<P: Ord + Clone> Picker<P> {
             prov.in_flight.remove(&piece);
         }
         self.release(piece, provider);
+    }
+
+    /// `provider` asked that `piece` be fetched elsewhere: it goes back to the pool, and
+    /// `provider` is not asked for it again until some provider's availability changes.
+    pub fn defer(&mut self, provider: &P, piece: u64) {
+        self.failed(provider, piece);
+        self.deferred.insert((provider.clone(), piece));
     }
 
     /// Whether `piece` is verified.
@@ -247,6 +278,26 @@ mod tests {
         assert!(!p.is_complete());
         assert_eq!(p.done(&"a", x), Vec::<&str>::new());
         assert!(p.is_complete());
+    }
+
+    #[test]
+    fn a_deferred_piece_waits_for_news_of_its_holders() {
+        let mut p: Picker<&str> = Picker::new(1, [], 3);
+        p.set_provider("seeder", Availability::All);
+        assert_eq!(p.next(&"seeder"), Some(0));
+        p.defer(&"seeder", 0);
+        assert_eq!(
+            p.next(&"seeder"),
+            None,
+            "deferred until availability changes"
+        );
+        p.set_provider("peer", Availability::Pieces([0].into()));
+        assert_eq!(
+            p.next(&"seeder"),
+            None,
+            "a fetcher holds it: the seeder is spared"
+        );
+        assert_eq!(p.next(&"peer"), Some(0));
     }
 
     #[test]

@@ -95,6 +95,71 @@ pub struct PeerRef {
     pub peer_id: String,
 }
 
+/// `POST /v1/store/add`: import files and directories as one manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreAddRequest {
+    /// Absolute paths on the daemon's machine.
+    pub paths: Vec<String>,
+}
+
+/// What `store add` imported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreAddView {
+    /// The manifest's hash: what `store get` takes.
+    pub hash: String,
+    pub files: usize,
+    pub bytes: u64,
+}
+
+/// `POST /v1/store/get`: fetch a manifest and its files, and write them into `out`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreGetRequest {
+    pub hash: String,
+    /// An absolute directory on the daemon's machine.
+    pub out: String,
+    /// Fetch only from this peer (a peer id) instead of every member.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// What `store get` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreGetView {
+    pub files: usize,
+    /// Bytes of the files.
+    pub bytes: u64,
+    /// Payload bytes received in this fetch, by provider.
+    pub received_from: std::collections::BTreeMap<String, u64>,
+    /// Payload bytes that were already here.
+    pub resumed: u64,
+    /// Providers dropped for sending data that failed verification.
+    pub dropped: Vec<String>,
+}
+
+impl StoreGetView {
+    /// Adds one blob's fetch report.
+    pub fn absorb(&mut self, report: &blendnet_store::transfer::FetchReport) {
+        for (peer, bytes) in &report.bytes_from {
+            *self.received_from.entry(peer.to_string()).or_default() += bytes;
+        }
+        self.resumed += report.resumed_bytes;
+        for peer in &report.dropped {
+            let peer = peer.to_string();
+            if !self.dropped.contains(&peer) {
+                self.dropped.push(peer);
+            }
+        }
+    }
+}
+
+/// What `store gc` freed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreGcView {
+    pub freed: u64,
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -166,6 +231,22 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn admit(&self, req: AdmitRequest) -> impl Future<Output = Result<PeerRef, ApiError>> + Send;
     /// `POST /v1/revoke`.
     fn revoke(&self, req: RevokeRequest) -> impl Future<Output = Result<PeerRef, ApiError>> + Send;
+    /// `POST /v1/store/add`.
+    fn store_add(
+        &self,
+        req: StoreAddRequest,
+    ) -> impl Future<Output = Result<StoreAddView, ApiError>> + Send;
+    /// `POST /v1/store/get`: answers when the files are written, which may take long.
+    fn store_get(
+        &self,
+        req: StoreGetRequest,
+    ) -> impl Future<Output = Result<StoreGetView, ApiError>> + Send;
+    /// `GET /v1/store`: the blobs held (a JSON array).
+    fn store_list(&self) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+    /// `GET /v1/store/fetches`: progress of running fetches (a JSON array).
+    fn store_fetches(&self) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+    /// `POST /v1/store/gc`.
+    fn store_gc(&self) -> impl Future<Output = Result<StoreGcView, ApiError>> + Send;
 }
 
 /// A new random API token: [`TOKEN_BYTES`] bytes from the OS-seeded CSPRNG, hex-encoded.
@@ -183,6 +264,11 @@ pub fn router<B: Backend>(token: String, backend: B) -> Router {
         .route("/v1/invites", post(invite::<B>))
         .route("/v1/admit", post(admit::<B>))
         .route("/v1/revoke", post(revoke::<B>))
+        .route("/v1/store", get(store_list::<B>))
+        .route("/v1/store/add", post(store_add::<B>))
+        .route("/v1/store/get", post(store_get::<B>))
+        .route("/v1/store/fetches", get(store_fetches::<B>))
+        .route("/v1/store/gc", post(store_gc::<B>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(backend)
@@ -366,6 +452,38 @@ async fn revoke<B: Backend>(
     }
 }
 
+async fn store_add<B: Backend>(
+    State(backend): State<B>,
+    body: Result<axum::Json<StoreAddRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(axum::Json(req)) => reply(backend.store_add(req).await),
+        Err(rejection) => json_rejection(rejection),
+    }
+}
+
+async fn store_get<B: Backend>(
+    State(backend): State<B>,
+    body: Result<axum::Json<StoreGetRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(axum::Json(req)) => reply(backend.store_get(req).await),
+        Err(rejection) => json_rejection(rejection),
+    }
+}
+
+async fn store_list<B: Backend>(State(backend): State<B>) -> Response {
+    reply(backend.store_list().await)
+}
+
+async fn store_fetches<B: Backend>(State(backend): State<B>) -> Response {
+    reply(backend.store_fetches().await)
+}
+
+async fn store_gc<B: Backend>(State(backend): State<B>) -> Response {
+    reply(backend.store_gc().await)
+}
+
 /// A backend with canned answers, shared by the tests of this module and of `client`.
 #[cfg(test)]
 pub(crate) mod fake {
@@ -418,6 +536,30 @@ pub(crate) mod fake {
 
         async fn revoke(&self, req: RevokeRequest) -> Result<PeerRef, ApiError> {
             Ok(PeerRef { peer_id: req.peer })
+        }
+
+        async fn store_add(&self, req: StoreAddRequest) -> Result<StoreAddView, ApiError> {
+            Ok(StoreAddView {
+                hash: "00".repeat(32),
+                files: req.paths.len(),
+                bytes: 0,
+            })
+        }
+
+        async fn store_get(&self, _req: StoreGetRequest) -> Result<StoreGetView, ApiError> {
+            Ok(StoreGetView::default())
+        }
+
+        async fn store_list(&self) -> Result<serde_json::Value, ApiError> {
+            Ok(serde_json::json!([]))
+        }
+
+        async fn store_fetches(&self) -> Result<serde_json::Value, ApiError> {
+            Ok(serde_json::json!([]))
+        }
+
+        async fn store_gc(&self) -> Result<StoreGcView, ApiError> {
+            Ok(StoreGcView { freed: 0 })
         }
     }
 

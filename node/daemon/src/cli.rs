@@ -1,7 +1,7 @@
 //! The command line: `blendnet <command>`. Every command but `up`, `init` and `join` is a
 //! client of the running daemon's local API.
 
-use crate::api::{AdmitRequest, InviteRequest, RevokeRequest};
+use crate::api::{AdmitRequest, InviteRequest, RevokeRequest, StoreAddRequest, StoreGetRequest};
 use crate::client::Client;
 use crate::config::{Config, Overrides};
 use crate::data_dir::DataDir;
@@ -65,6 +65,36 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The blob store: add files, fetch them from the mesh, list, collect garbage.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Import files and directories as one manifest; prints its hash.
+    Add {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Fetch a manifest and its files from the mesh, verified, into a directory.
+    Get {
+        hash: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Fetch only from this peer.
+        #[arg(long, value_name = "PEER")]
+        from: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the blobs held.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete unpinned blobs and abandoned downloads.
+    Gc,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +264,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Store(command) => store(&data_dir, command)?,
         Command::Status { json } => {
             let status = Client::connect(&data_dir)?.status()?;
             if json {
@@ -251,6 +282,144 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn absolute(path: &std::path::Path) -> anyhow::Result<String> {
+    Ok(std::path::absolute(path)
+        .with_context(|| format!("{}", path.display()))?
+        .display()
+        .to_string())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn store(data_dir: &DataDir, command: StoreCommand) -> anyhow::Result<()> {
+    let client = Client::connect(data_dir)?;
+    match command {
+        StoreCommand::Add { paths } => {
+            let paths = paths
+                .iter()
+                .map(|p| absolute(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let view = client.store_add(&StoreAddRequest { paths })?;
+            eprintln!("{} files, {}", view.files, human_bytes(view.bytes));
+            println!("{}", view.hash);
+        }
+        StoreCommand::Get {
+            hash,
+            out,
+            from,
+            json,
+        } => {
+            let request = StoreGetRequest {
+                hash,
+                out: absolute(&out)?,
+                from,
+            };
+            // The request blocks until the files are written; a second connection polls the
+            // progress meanwhile and draws a progress line on stderr.
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let bar = {
+                let done = done.clone();
+                let poll = Client::connect(data_dir)?;
+                std::thread::spawn(move || progress_bar(&poll, &done))
+            };
+            let result = client.store_get(&request);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = bar.join();
+            let view = result?;
+            if json {
+                return print_json(&view);
+            }
+            let received: u64 = view.received_from.values().sum();
+            println!(
+                "{} files, {} ({} received from {} peers, {} already here)",
+                view.files,
+                human_bytes(view.bytes),
+                human_bytes(received),
+                view.received_from.len(),
+                human_bytes(view.resumed)
+            );
+            for peer in &view.dropped {
+                println!("dropped {peer}: it sent data that failed verification");
+            }
+        }
+        StoreCommand::Ls { json } => {
+            let list = client.store_list()?;
+            if json {
+                return print_json(&list);
+            }
+            for b in list.as_array().cloned().unwrap_or_default() {
+                let complete = b.get("complete").and_then(|v| v.as_bool()).unwrap_or(false);
+                let pinned = b.get("pinned").and_then(|v| v.as_bool()).unwrap_or(false);
+                println!(
+                    "{}  {:>10}  {}{}",
+                    b.get("hash").and_then(|v| v.as_str()).unwrap_or("-"),
+                    human_bytes(b.get("size").and_then(|v| v.as_u64()).unwrap_or(0)),
+                    if complete { "complete" } else { "partial" },
+                    if pinned { ", pinned" } else { "" }
+                );
+            }
+        }
+        StoreCommand::Gc => {
+            let view = client.store_gc()?;
+            println!("freed {}", human_bytes(view.freed));
+        }
+    }
+    Ok(())
+}
+
+/// Draws `fetching 45%  120.0 MiB / 256.0 MiB  85.2 MiB/s  3 peers` on stderr until `done`.
+fn progress_bar(client: &Client, done: &std::sync::atomic::AtomicBool) {
+    let start = std::time::Instant::now();
+    let mut drew = false;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let Ok(list) = client.store_fetches() else {
+            continue;
+        };
+        let items = list.as_array().cloned().unwrap_or_default();
+        let sum = |k: &str| {
+            items
+                .iter()
+                .filter_map(|i| i.get(k).and_then(|v| v.as_u64()))
+                .sum::<u64>()
+        };
+        let (done_bytes, size) = (sum("done_bytes"), sum("size"));
+        let peers = items
+            .iter()
+            .filter_map(|i| i.get("providers").and_then(|v| v.as_u64()))
+            .max()
+            .unwrap_or(0);
+        if size == 0 {
+            continue;
+        }
+        let rate = done_bytes as f64 / start.elapsed().as_secs_f64().max(0.001);
+        eprint!(
+            "\rfetching {:>3}%  {} / {}  {}/s  {peers} peers   ",
+            done_bytes * 100 / size,
+            human_bytes(done_bytes),
+            human_bytes(size),
+            human_bytes(rate as u64)
+        );
+        drew = true;
+    }
+    if drew {
+        eprintln!();
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 
 use crate::api::{
     AdmitRequest, ErrorBody, InviteRequest, InviteView, PeerRef, RevokeRequest, StatusView,
+    StoreAddRequest, StoreAddView, StoreGcView, StoreGetRequest, StoreGetView,
 };
 use crate::data_dir::{self, DataDir, ReadSecretError};
 
@@ -28,6 +29,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one whole call may take. The daemon answers from its actors' state; the slowest
 /// calls (invite, admit) sign and store a certificate, well under this.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bound on a request that waits for a transfer (`store get`): a day, so a stuck daemon still
+/// ends the command; a progress bar shows the transfer is alive meanwhile.
+pub const LONG_REQUEST_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Largest response body read. Peer lists are the largest answers, a few KiB per hundred peers.
 pub const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
@@ -167,6 +172,39 @@ impl Client {
     /// `POST /v1/revoke`.
     pub fn revoke(&self, req: &RevokeRequest) -> Result<PeerRef, ClientError> {
         self.post("/v1/revoke", req)
+    }
+
+    /// `POST /v1/store/add`.
+    pub fn store_add(&self, req: &StoreAddRequest) -> Result<StoreAddView, ClientError> {
+        self.post("/v1/store/add", req)
+    }
+
+    /// `POST /v1/store/get`: waits as long as the transfer takes (up to [`LONG_REQUEST_TIMEOUT`]).
+    pub fn store_get(&self, req: &StoreGetRequest) -> Result<StoreGetView, ClientError> {
+        let response = self
+            .agent
+            .post(self.url("/v1/store/get"))
+            .config()
+            .timeout_global(Some(LONG_REQUEST_TIMEOUT))
+            .build()
+            .header("Authorization", &self.authorization)
+            .send_json(req);
+        self.finish(response)
+    }
+
+    /// `GET /v1/store`: a JSON array.
+    pub fn store_list(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/v1/store")
+    }
+
+    /// `GET /v1/store/fetches`: a JSON array.
+    pub fn store_fetches(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/v1/store/fetches")
+    }
+
+    /// `POST /v1/store/gc`.
+    pub fn store_gc(&self) -> Result<StoreGcView, ClientError> {
+        self.post("/v1/store/gc", &serde_json::json!({}))
     }
 
     fn url(&self, path: &str) -> String {

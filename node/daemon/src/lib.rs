@@ -10,6 +10,7 @@
 //! - [`capabilities`]: what this machine offers: cores, RAM, disk, GPUs, Blender.
 
 pub mod api;
+pub mod blobs;
 pub mod capabilities;
 pub mod cli;
 pub mod client;

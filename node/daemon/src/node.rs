@@ -14,8 +14,9 @@
 
 use crate::api::{
     self, AdmitRequest, ApiError, Backend, InviteRequest, InviteView, PeerRef, RevokeRequest,
-    StatusView,
+    StatusView, StoreAddRequest, StoreAddView, StoreGcView, StoreGetRequest, StoreGetView,
 };
+use crate::blobs::{Blobs, store_dir};
 use crate::capabilities::Capabilities;
 use crate::config::Config;
 use crate::data_dir::{DataDir, ReadSecretError, SECRET_MODE, read_secret, write_atomic};
@@ -279,7 +280,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         net,
         mut events,
         deliveries,
-        blobs: _,
+        blobs: streams,
         task: net_task,
     } = blendnet_net::spawn(
         blendnet_net::Config {
@@ -321,12 +322,29 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         });
     }
 
+    let store = blendnet_store::Store::open(
+        &store_dir(data_dir.path()),
+        state.database(),
+        config.store_quota,
+    )
+    .context("opening the blob store")?;
+    let seed = u64::from_le_bytes(
+        blake3::hash(&local.to_bytes()).as_bytes()[..8]
+            .try_into()
+            .unwrap_or_default(),
+    );
+    let blobs = Blobs::new(store, streams, seed);
+    let _blob_server = blobs.spawn_server().context("serving blobs")?;
+
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .with_context(|| format!("binding the API to {}", config.api))?;
     let api_addr = listener.local_addr()?;
     let token = api::new_token();
-    let backend = NodeBackend { net: net.clone() };
+    let backend = NodeBackend {
+        net: net.clone(),
+        blobs,
+    };
     let api_task = tokio::spawn(api::serve(
         listener,
         token.clone(),
@@ -414,6 +432,7 @@ fn persist(state: &State, event: Event) {
 #[derive(Debug, Clone)]
 struct NodeBackend {
     net: Net,
+    blobs: Blobs,
 }
 
 fn stopped_error(_: blendnet_net::Stopped) -> ApiError {
@@ -483,6 +502,72 @@ impl Backend for NodeBackend {
         Ok(PeerRef {
             peer_id: peer.to_string(),
         })
+    }
+
+    async fn store_add(&self, req: StoreAddRequest) -> Result<StoreAddView, ApiError> {
+        let paths = req
+            .paths
+            .iter()
+            .map(|p| {
+                let path = std::path::PathBuf::from(p);
+                if path.is_absolute() {
+                    Ok(path)
+                } else {
+                    Err(ApiError::BadRequest(format!(
+                        "{p:?} is not an absolute path"
+                    )))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.blobs.add(paths).await
+    }
+
+    async fn store_get(&self, req: StoreGetRequest) -> Result<StoreGetView, ApiError> {
+        let hash: blendnet_proto::BlobHash = req
+            .hash
+            .parse()
+            .map_err(|e: blendnet_proto::id::BadBlobHash| ApiError::BadRequest(e.to_string()))?;
+        let out = std::path::PathBuf::from(&req.out);
+        if !out.is_absolute() {
+            return Err(ApiError::BadRequest(format!(
+                "{:?} is not an absolute path",
+                req.out
+            )));
+        }
+        let from = match &req.from {
+            Some(p) => Some(
+                p.trim()
+                    .parse::<PeerId>()
+                    .map_err(|_| ApiError::BadRequest(format!("not a peer id: {p:?}")))?,
+            ),
+            None => None,
+        };
+        self.blobs.get(hash, out, from).await
+    }
+
+    async fn store_list(&self) -> Result<serde_json::Value, ApiError> {
+        self.blobs.list().await
+    }
+
+    async fn store_fetches(&self) -> Result<serde_json::Value, ApiError> {
+        let list: Vec<serde_json::Value> = self
+            .blobs
+            .progress()
+            .into_iter()
+            .map(|(hash, p)| {
+                serde_json::json!({
+                    "hash": hash.to_string(),
+                    "done_bytes": p.done_bytes,
+                    "size": p.size,
+                    "providers": p.providers,
+                })
+            })
+            .collect();
+        Ok(serde_json::Value::Array(list))
+    }
+
+    async fn store_gc(&self) -> Result<StoreGcView, ApiError> {
+        self.blobs.gc().await
     }
 
     async fn revoke(&self, req: RevokeRequest) -> Result<PeerRef, ApiError> {

@@ -324,7 +324,12 @@ impl NetActor {
         let members: HashSet<PeerId> = if self.active() {
             let now = unix_now();
             self.roster()
-                .map(|r| r.members(now).into_keys().filter(|p| *p != self.local).collect())
+                .map(|r| {
+                    r.members(now)
+                        .into_keys()
+                        .filter(|p| *p != self.local)
+                        .collect()
+                })
                 .unwrap_or_default()
         } else {
             HashSet::new()

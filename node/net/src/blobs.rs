@@ -47,7 +47,10 @@ impl std::fmt::Debug for Incoming {
 pub struct AlreadyAccepting;
 
 impl BlobStreams {
-    pub(crate) fn new(control: libp2p_stream::Control, members: watch::Receiver<Arc<HashSet<PeerId>>>) -> Self {
+    pub(crate) fn new(
+        control: libp2p_stream::Control,
+        members: watch::Receiver<Arc<HashSet<PeerId>>>,
+    ) -> Self {
         BlobStreams { control, members }
     }
 

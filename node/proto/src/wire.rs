@@ -151,4 +151,7 @@ pub enum BlobResponse {
     Data { size: u64 },
     /// The provider will not serve this request; the reason is for logs.
     Refused(String),
+    /// The provider (a seeder) sent these ranges to another fetcher moments ago: fetch them from
+    /// the fetchers, and ask again later if none comes to hold them.
+    Elsewhere,
 }

@@ -1,0 +1,974 @@
+//! Verified transfer of blobs between peers on the blob protocol (`/blendnet/blob/1`).
+//!
+//! One stream per request, half-duplex: the asker writes a length-prefixed bincode
+//! [`BlobRequest`] and closes its side; the provider answers with a length-prefixed
+//! [`BlobResponse`] header and, for `Data`, the bao encoding of the ranges until the stream
+//! ends. Neither side ever writes while the other does (yamux can deadlock otherwise).
+//!
+//! [`serve`] answers one stream from the store. [`fetch`] takes a blob from several providers
+//! at once: it asks each what it holds, then keeps a few piece requests in flight per provider,
+//! choosing pieces with `core::picker` (rarest first, end-game duplicates). Every piece is
+//! verified against the blob's hash before a byte of it is written; a provider that sends bad
+//! data is dropped for the rest of the fetch. A fetch resumes from what is already verified on
+//! disk, and what it has verified is served to others while it runs (by [`serve`]).
+//!
+//! The network side is abstracted as [`Dialer`], so this module needs no libp2p.
+
+use crate::{Partial, ReadError, Store, WriteError};
+use bao_tree::{ChunkNum, ChunkRanges};
+use blendnet_core::picker::{Availability, Picker};
+use blendnet_proto::wire::{
+    BlobRequest, BlobResponse, MAX_BLOB_HEADER_BYTES, MAX_BLOB_RANGES, MAX_BLOB_REQUEST_BYTES,
+};
+use blendnet_proto::{BlobHash, PeerId, decode, encode};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A piece: 64 chunk groups of 16 KiB = 1 MiB. Large enough that per-request overhead (a
+/// stream, a header, the parent hashes) is small; small enough that four fetchers of a
+/// 256 MiB blob have hundreds of pieces to trade. Whole groups, since only whole groups are
+/// kept across restarts.
+pub const PIECE_GROUPS: u64 = 64;
+/// Bytes of payload in a piece.
+pub const PIECE_BYTES: u64 = PIECE_GROUPS * crate::GROUP_BYTES;
+/// Most payload bytes one `Get` may ask for: a provider refuses more, so one request cannot
+/// make it buffer much.
+pub const MAX_GET_BYTES: u64 = 4 * PIECE_BYTES;
+/// Requests in flight per provider: two keep a link busy while one answer is being verified.
+pub const MAX_IN_FLIGHT_PER_PROVIDER: usize = 2;
+/// How long one request may take before the provider counts as failing.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a fetch asks partial providers again what they hold (they are fetching too).
+pub const AVAILABILITY_REFRESH: Duration = Duration::from_millis(100);
+/// A fetch that verifies nothing new for this long gives up (it resumes when started again).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a seeder remembers that it sent a piece to one fetcher, and answers other fetchers
+/// asking for it with "fetch it elsewhere": long enough for the first to pass it on, short
+/// enough that a fetcher that vanished with it delays the others only briefly.
+pub const SEED_WINDOW: Duration = Duration::from_secs(10);
+/// Most pieces a seeder remembers sending (memory bound; past it, the oldest are forgotten).
+pub const MAX_SEEDED: usize = 65_536;
+/// Failed requests (not bad data) after which a provider is dropped from one fetch.
+pub const MAX_FAILURES_PER_PROVIDER: u32 = 5;
+
+/// Opens blob streams to peers: the network layer implements it.
+pub trait Dialer: Send + Sync + 'static {
+    /// The stream type.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Opens a stream to `peer`.
+    fn open(&self, peer: PeerId) -> BoxFuture<'static, io::Result<Self::Stream>>;
+}
+
+/// Converts chunk ranges to the wire form, bounded to a blob of `size` bytes.
+pub fn ranges_to_wire(ranges: &ChunkRanges, size: u64) -> Vec<(u64, u64)> {
+    let bounded = ranges & &crate::all_chunks(size);
+    // Bounded, the boundaries come in (start, end) pairs.
+    bounded
+        .boundaries()
+        .chunks(2)
+        .filter_map(|pair| match pair {
+            [start, end] => Some((start.0, end.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Why ranges from the wire are not acceptable.
+#[derive(Debug, thiserror::Error)]
+pub enum BadRanges {
+    #[error("more than {MAX_BLOB_RANGES} ranges")]
+    TooMany,
+    #[error("range {0}..{1} is empty, reversed or out of order")]
+    Malformed(u64, u64),
+}
+
+/// Converts ranges from the wire, refusing malformed ones.
+pub fn ranges_from_wire(ranges: &[(u64, u64)]) -> Result<ChunkRanges, BadRanges> {
+    if ranges.len() > MAX_BLOB_RANGES {
+        return Err(BadRanges::TooMany);
+    }
+    let mut out = ChunkRanges::empty();
+    let mut last_end = 0;
+    for &(start, end) in ranges {
+        if start >= end || start < last_end {
+            return Err(BadRanges::Malformed(start, end));
+        }
+        last_end = end;
+        out |= ChunkRanges::from(ChunkNum(start)..ChunkNum(end));
+    }
+    Ok(out)
+}
+
+async fn write_frame<W: AsyncWrite + Unpin, T: serde::Serialize>(
+    io: &mut W,
+    value: &T,
+) -> io::Result<()> {
+    let bytes = encode(value);
+    let len =
+        u32::try_from(bytes.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(&bytes).await
+}
+
+async fn read_frame<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
+    io: &mut R,
+    limit: usize,
+) -> io::Result<T> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the {limit}-byte limit"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    decode(&buf, limit).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// A blob and the ranges of one request.
+type SentKey = (BlobHash, Vec<(u64, u64)>);
+
+/// What a seeder sent recently, to whom: shared by the streams it serves. Sending each piece
+/// of a complete blob once and letting the fetchers trade it keeps the seeder's upload (often
+/// the artist's uplink) near one copy of the blob, however many peers fetch it.
+#[derive(Debug, Default)]
+pub struct Seeding {
+    sent: std::sync::Mutex<std::collections::HashMap<SentKey, (PeerId, tokio::time::Instant)>>,
+}
+
+impl Seeding {
+    /// Whether `peer` should fetch `ranges` of `hash` elsewhere; records the send otherwise.
+    fn elsewhere(&self, hash: BlobHash, ranges: &[(u64, u64)], peer: PeerId) -> bool {
+        let Ok(mut sent) = self.sent.lock() else {
+            return false;
+        };
+        let now = tokio::time::Instant::now();
+        if sent.len() >= MAX_SEEDED {
+            sent.retain(|_, (_, at)| now.duration_since(*at) < SEED_WINDOW);
+            if sent.len() >= MAX_SEEDED {
+                sent.clear();
+            }
+        }
+        let key = (hash, ranges.to_vec());
+        match sent.get(&key) {
+            Some((to, at)) if *to != peer && now.duration_since(*at) < SEED_WINDOW => true,
+            _ => {
+                sent.insert(key, (peer, now));
+                false
+            }
+        }
+    }
+}
+
+/// What one served stream sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Bytes of bao encoding written (payload and parent hashes).
+    pub bytes: u64,
+}
+
+/// Why a stream could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the stream failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("reading the blob failed: {0}")]
+    Read(#[from] ReadError),
+    #[error("the store's worker thread failed: {0}")]
+    Join(String),
+}
+
+/// Answers one inbound stream from `peer` out of `store`. Cancel-safe (drops the stream).
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    store: Store,
+    seeding: &Seeding,
+    peer: PeerId,
+    mut stream: S,
+) -> Result<Served, ServeError> {
+    let request: BlobRequest = read_frame(&mut stream, MAX_BLOB_REQUEST_BYTES).await?;
+    let (header, body) = match request {
+        BlobRequest::Has { hash } => (has_answer(&store, &hash).await?, Vec::new()),
+        BlobRequest::Get { hash, ranges } => {
+            let complete = store.has(&hash).is_some_and(|i| i.complete);
+            if complete && seeding.elsewhere(hash, &ranges, peer) {
+                (BlobResponse::Elsewhere, Vec::new())
+            } else {
+                get_answer(&store, &hash, &ranges).await?
+            }
+        }
+    };
+    write_frame(&mut stream, &header).await?;
+    stream.write_all(&body).await?;
+    stream.close().await?;
+    if !body.is_empty() {
+        tracing::debug!(%peer, bytes = body.len(), "served blob ranges");
+    }
+    Ok(Served {
+        bytes: body.len() as u64,
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ServeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServeError::Join(e.to_string()))
+}
+
+async fn has_answer(store: &Store, hash: &BlobHash) -> Result<BlobResponse, ServeError> {
+    let (store, hash) = (store.clone(), *hash);
+    let answer = blocking(move || {
+        let Some(info) = store.has(&hash) else {
+            return Ok::<_, ReadError>(BlobResponse::NotFound);
+        };
+        let ranges = if info.complete {
+            ranges_to_wire(&crate::all_chunks(info.size), info.size)
+        } else {
+            let mut wire = ranges_to_wire(&store.valid_ranges(&hash)?, info.size);
+            wire.truncate(MAX_BLOB_RANGES);
+            wire
+        };
+        Ok(BlobResponse::Has {
+            size: info.size,
+            complete: info.complete,
+            ranges,
+        })
+    })
+    .await??;
+    Ok(answer)
+}
+
+async fn get_answer(
+    store: &Store,
+    hash: &BlobHash,
+    wire: &[(u64, u64)],
+) -> Result<(BlobResponse, Vec<u8>), ServeError> {
+    let (store, hash, wire) = (store.clone(), *hash, wire.to_vec());
+    let answer = blocking(move || {
+        let Some(info) = store.has(&hash) else {
+            return Ok::<_, ReadError>((BlobResponse::NotFound, Vec::new()));
+        };
+        let ranges = match ranges_from_wire(&wire) {
+            Ok(r) => r,
+            Err(e) => return Ok((BlobResponse::Refused(e.to_string()), Vec::new())),
+        };
+        if crate::ranges_bytes(&ranges, info.size) > MAX_GET_BYTES {
+            return Ok((
+                BlobResponse::Refused(format!("more than {MAX_GET_BYTES} bytes in one request")),
+                Vec::new(),
+            ));
+        }
+        if !info.complete && !ranges.is_subset(&store.valid_ranges(&hash)?) {
+            return Ok((BlobResponse::Refused("ranges not held".into()), Vec::new()));
+        }
+        let mut body = Vec::new();
+        match store.encode(&hash, &ranges, &mut body) {
+            Ok(_) => Ok((BlobResponse::Data { size: info.size }, body)),
+            // Our own copy is corrupt (the store has now forgotten it): say so, send nothing.
+            Err(ReadError::Corrupt { .. }) => Ok((
+                BlobResponse::Refused("the provider's copy failed verification".into()),
+                Vec::new(),
+            )),
+            Err(ReadError::NotAvailable { .. }) => {
+                Ok((BlobResponse::Refused("ranges not held".into()), Vec::new()))
+            }
+            Err(e) => Err(e),
+        }
+    })
+    .await??;
+    Ok(answer)
+}
+
+/// What a fetch did, per provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchReport {
+    pub hash: Option<BlobHash>,
+    pub size: u64,
+    /// Payload bytes verified and written, per provider.
+    pub bytes_from: BTreeMap<PeerId, u64>,
+    /// Payload bytes that were already on disk when the fetch started.
+    pub resumed_bytes: u64,
+    /// Providers dropped for serving data that failed verification.
+    pub dropped: BTreeSet<PeerId>,
+}
+
+impl FetchReport {
+    /// Payload bytes received in this fetch.
+    pub fn received(&self) -> u64 {
+        self.bytes_from.values().sum()
+    }
+}
+
+/// Progress of a running fetch, sent after every verified piece.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub done_bytes: u64,
+    pub size: u64,
+    pub providers: usize,
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no peer holds blob {0}")]
+    NotFound(BlobHash),
+    #[error("peers disagree on the size of blob {0}")]
+    SizeMismatch(BlobHash),
+    #[error(
+        "blob {hash} is incomplete: {missing} pieces missing and no provider left (dropped for bad data: {dropped})"
+    )]
+    NoProviders {
+        hash: BlobHash,
+        missing: u64,
+        dropped: usize,
+    },
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("the store's worker thread failed: {0}")]
+    Join(String),
+}
+
+/// How one request ended.
+enum Outcome {
+    Verified(u64),
+    /// The provider sent data that failed verification.
+    Bad(String),
+    /// The provider sent it to another fetcher moments ago: get it from the fetchers.
+    Deferred,
+    /// Anything else: refused, not held, timed out, stream failed.
+    Failed(String),
+}
+
+/// Asks `peer` what it holds of `hash`.
+async fn ask_has<D: Dialer>(dialer: &D, peer: PeerId, hash: BlobHash) -> io::Result<BlobResponse> {
+    let mut stream = dialer.open(peer).await?;
+    write_frame(&mut stream, &BlobRequest::Has { hash }).await?;
+    stream.close().await?;
+    read_frame(&mut stream, MAX_BLOB_HEADER_BYTES).await
+}
+
+fn pieces_of(ranges: &ChunkRanges, size: u64) -> BTreeSet<u64> {
+    let pieces = size.div_ceil(PIECE_BYTES);
+    (0..pieces)
+        .filter(|p| ranges.is_superset(&piece_ranges(*p, size)))
+        .collect()
+}
+
+fn piece_ranges(piece: u64, size: u64) -> ChunkRanges {
+    crate::group_ranges(piece * PIECE_GROUPS..(piece + 1) * PIECE_GROUPS, size)
+}
+
+/// Fetches one piece from `peer` and writes it, verified, into the partial blob.
+async fn fetch_piece<D: Dialer>(
+    dialer: Arc<D>,
+    partial: Arc<Partial>,
+    peer: PeerId,
+    hash: BlobHash,
+    size: u64,
+    piece: u64,
+) -> Outcome {
+    let ranges = piece_ranges(piece, size);
+    let request = async {
+        let mut stream = dialer.open(peer).await?;
+        write_frame(
+            &mut stream,
+            &BlobRequest::Get {
+                hash,
+                ranges: ranges_to_wire(&ranges, size),
+            },
+        )
+        .await?;
+        stream.close().await?;
+        let header: BlobResponse = read_frame(&mut stream, MAX_BLOB_HEADER_BYTES).await?;
+        let mut body = Vec::new();
+        if let BlobResponse::Data { .. } = header {
+            // A piece's encoding is its payload plus parent hashes: far under twice the piece.
+            (&mut stream)
+                .take(2 * PIECE_BYTES + 64 * 1024)
+                .read_to_end(&mut body)
+                .await?;
+        }
+        Ok::<_, io::Error>((header, body))
+    };
+    let (header, body) = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Err(_) => return Outcome::Failed("timed out".into()),
+        Ok(Err(e)) => return Outcome::Failed(e.to_string()),
+        Ok(Ok(x)) => x,
+    };
+    match header {
+        BlobResponse::Data { size: theirs } if theirs != size => {
+            Outcome::Bad(format!("claims size {theirs}, not {size}"))
+        }
+        BlobResponse::Data { .. } => {
+            let written =
+                tokio::task::spawn_blocking(move || partial.write(&ranges, io::Cursor::new(body)))
+                    .await;
+            match written {
+                Ok(Ok(n)) => Outcome::Verified(n),
+                Ok(Err(WriteError::Corrupt { .. })) => {
+                    Outcome::Bad("data failed verification".into())
+                }
+                Ok(Err(e)) => Outcome::Failed(e.to_string()),
+                Err(e) => Outcome::Failed(e.to_string()),
+            }
+        }
+        BlobResponse::NotFound => Outcome::Failed("not held".into()),
+        BlobResponse::Elsewhere => Outcome::Deferred,
+        BlobResponse::Refused(reason) => Outcome::Failed(reason),
+        BlobResponse::Has { .. } => Outcome::Bad("answered a Get with Has".into()),
+    }
+}
+
+/// What a fetch waits for.
+enum Waited {
+    Piece(PeerId, u64, Outcome),
+    Has(PeerId, Option<BlobResponse>),
+}
+
+fn bytes_of_pieces(pieces: &BTreeSet<u64>, size: u64) -> u64 {
+    pieces.iter().map(|p| piece_len(*p, size)).sum()
+}
+
+fn piece_len(piece: u64, size: u64) -> u64 {
+    ((piece + 1) * PIECE_BYTES)
+        .min(size)
+        .saturating_sub(piece * PIECE_BYTES)
+}
+
+/// Fetches `hash` from the `candidates` that hold it into `store`, verified, several at once.
+/// Resumes from what is on disk. Candidates that hold only part of it (or nothing yet: they may
+/// be fetching it too) are asked again every [`AVAILABILITY_REFRESH`]. `progress` is called after
+/// every verified piece. `seed` spreads the first pieces of fetchers that start together
+/// (derive it from the node's id). Fails when no progress is made for [`STALL_TIMEOUT`].
+pub async fn fetch<D: Dialer>(
+    store: &Store,
+    dialer: Arc<D>,
+    hash: BlobHash,
+    candidates: &[PeerId],
+    seed: u64,
+    mut progress: impl FnMut(Progress) + Send,
+) -> Result<FetchReport, FetchError> {
+    let mut report = FetchReport {
+        hash: Some(hash),
+        ..FetchReport::default()
+    };
+    if let Some(info) = store.has(&hash)
+        && info.complete
+    {
+        report.size = info.size;
+        report.resumed_bytes = info.size;
+        return Ok(report);
+    }
+    let ask = |peer: PeerId| {
+        let dialer = dialer.clone();
+        async move {
+            let answer = tokio::time::timeout(REQUEST_TIMEOUT, ask_has(&*dialer, peer, hash)).await;
+            Waited::Has(peer, answer.ok().and_then(Result::ok))
+        }
+    };
+    // Who holds what, to learn the size and the first providers.
+    let answers = futures::future::join_all(candidates.iter().map(|p| ask(*p))).await;
+    let mut first: BTreeMap<PeerId, (u64, bool, ChunkRanges)> = BTreeMap::new();
+    for answer in answers {
+        if let Waited::Has(
+            peer,
+            Some(BlobResponse::Has {
+                size,
+                complete,
+                ranges,
+            }),
+        ) = answer
+        {
+            match ranges_from_wire(&ranges) {
+                Ok(r) => {
+                    first.insert(peer, (size, complete, r));
+                }
+                Err(e) => tracing::warn!(%peer, error = %e, "bad availability answer"),
+            }
+        }
+    }
+    let sizes: BTreeSet<u64> = first
+        .values()
+        .filter(|(_, c, _)| *c)
+        .map(|(s, _, _)| *s)
+        .collect();
+    let size = match (sizes.len(), sizes.first()) {
+        (1, Some(size)) => *size,
+        (0, _) => return Err(FetchError::NotFound(hash)),
+        _ => return Err(FetchError::SizeMismatch(hash)),
+    };
+    report.size = size;
+    let partial = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.partial(&hash, size))
+            .await
+            .map_err(|e| FetchError::Join(e.to_string()))??
+    };
+    let pieces = size.div_ceil(PIECE_BYTES).max(1);
+    let already = pieces_of(&partial.valid(), size);
+    report.resumed_bytes = bytes_of_pieces(&already, size);
+    let partial = Arc::new(partial);
+    let mut picker: Picker<PeerId> = Picker::new(pieces, already, seed);
+    // Peers that may come to hold pieces: asked again while the fetch runs.
+    let mut watching: BTreeSet<PeerId> = BTreeSet::new();
+    let mut live: BTreeSet<PeerId> = BTreeSet::new();
+    for peer in candidates {
+        match first.get(peer) {
+            Some((s, true, _)) if *s == size => {
+                picker.set_provider(*peer, Availability::All);
+                live.insert(*peer);
+            }
+            Some((s, false, ranges)) if *s == size => {
+                picker.set_provider(*peer, Availability::Pieces(pieces_of(ranges, size)));
+                live.insert(*peer);
+                watching.insert(*peer);
+            }
+            _ => {
+                watching.insert(*peer);
+            }
+        }
+    }
+    let mut failures: BTreeMap<PeerId, u32> = BTreeMap::new();
+    let mut waiting = FuturesUnordered::new();
+    let mut asking: BTreeSet<PeerId> = BTreeSet::new();
+    let mut refresh = tokio::time::interval(AVAILABILITY_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_progress = tokio::time::Instant::now();
+    let mut done_bytes = report.resumed_bytes;
+    while !picker.is_complete() {
+        for peer in live.clone() {
+            while picker.in_flight_from(&peer) < MAX_IN_FLIGHT_PER_PROVIDER {
+                let Some(piece) = picker.next(&peer) else {
+                    break;
+                };
+                let fut = fetch_piece(dialer.clone(), partial.clone(), peer, hash, size, piece);
+                waiting.push(
+                    Box::pin(async move { Waited::Piece(peer, piece, fut.await) })
+                        as futures::future::BoxFuture<'static, Waited>,
+                );
+            }
+        }
+        if last_progress.elapsed() > STALL_TIMEOUT || (waiting.is_empty() && watching.is_empty()) {
+            return Err(FetchError::NoProviders {
+                hash,
+                missing: picker.missing(),
+                dropped: report.dropped.len(),
+            });
+        }
+        tokio::select! {
+            Some(waited) = waiting.next() => match waited {
+                Waited::Piece(peer, piece, Outcome::Verified(n)) => {
+                    *report.bytes_from.entry(peer).or_default() += n;
+                    if !picker.is_done(piece) {
+                        picker.done(&peer, piece);
+                        done_bytes += piece_len(piece, size);
+                        last_progress = tokio::time::Instant::now();
+                        progress(Progress { done_bytes, size, providers: live.len() });
+                    }
+                }
+                Waited::Piece(peer, piece, Outcome::Bad(reason)) => {
+                    tracing::warn!(%peer, %hash, piece, %reason, "provider sent bad data: dropped");
+                    report.dropped.insert(peer);
+                    live.remove(&peer);
+                    watching.remove(&peer);
+                    picker.remove_provider(&peer);
+                }
+                Waited::Piece(peer, piece, Outcome::Deferred) => picker.defer(&peer, piece),
+                Waited::Piece(peer, piece, Outcome::Failed(reason)) => {
+                    tracing::debug!(%peer, %hash, piece, %reason, "piece request failed");
+                    picker.failed(&peer, piece);
+                    let n = failures.entry(peer).or_default();
+                    *n += 1;
+                    if *n >= MAX_FAILURES_PER_PROVIDER {
+                        live.remove(&peer);
+                        watching.remove(&peer);
+                        picker.remove_provider(&peer);
+                    }
+                }
+                Waited::Has(peer, answer) => {
+                    asking.remove(&peer);
+                    if let Some(BlobResponse::Has { size: s, complete, ranges }) = answer
+                        && s == size
+                        && !report.dropped.contains(&peer)
+                        && let Ok(r) = ranges_from_wire(&ranges)
+                    {
+                        let availability = if complete {
+                            watching.remove(&peer);
+                            Availability::All
+                        } else {
+                            Availability::Pieces(pieces_of(&r, size))
+                        };
+                        picker.set_provider(peer, availability);
+                        live.insert(peer);
+                    }
+                }
+            },
+            _ = refresh.tick() => {
+                for peer in watching.iter().filter(|p| !asking.contains(p)).copied().collect::<Vec<_>>() {
+                    asking.insert(peer);
+                    waiting.push(Box::pin(ask(peer)));
+                }
+            }
+        }
+    }
+    // Requests still in flight (end-game duplicates) are dropped with `waiting`; a verified
+    // write already handed to a blocking thread finishes first.
+    drop(waiting);
+    let mut partial = partial;
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let partial = loop {
+        match Arc::try_unwrap(partial) {
+            Ok(p) => break p,
+            Err(shared) if tokio::time::Instant::now() < deadline => {
+                partial = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => return Err(FetchError::Join("a piece write did not finish".into())),
+        }
+    };
+    tokio::task::spawn_blocking(move || partial.finish())
+        .await
+        .map_err(|e| FetchError::Join(e.to_string()))??;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{TestStore, data};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+
+    /// How a test provider behaves.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Behaviour {
+        Honest,
+        /// Flips a byte in the payload of every `Data` answer.
+        Corrupting,
+        /// Serves this many `Get`s, then refuses every request.
+        StopsAfter(usize),
+    }
+
+    struct Provider {
+        store: Store,
+        seeding: Seeding,
+        behaviour: Behaviour,
+        gets: AtomicUsize,
+        uploaded: AtomicU64,
+    }
+
+    /// In-memory streams to in-process providers: each `open` is a duplex pipe whose far end is
+    /// served by the provider's store.
+    #[derive(Clone)]
+    struct MemDialer {
+        /// Who is dialling: the provider sees this peer id.
+        me: PeerId,
+        providers: Arc<Mutex<HashMap<PeerId, Arc<Provider>>>>,
+    }
+
+    impl Default for MemDialer {
+        fn default() -> Self {
+            MemDialer {
+                me: PeerId::random(),
+                providers: Arc::default(),
+            }
+        }
+    }
+
+    impl MemDialer {
+        /// The same providers, dialled as `me`.
+        fn as_peer(&self, me: PeerId) -> MemDialer {
+            MemDialer {
+                me,
+                providers: self.providers.clone(),
+            }
+        }
+
+        fn add(&self, peer: PeerId, store: Store, behaviour: Behaviour) -> Arc<Provider> {
+            let p = Arc::new(Provider {
+                store,
+                seeding: Seeding::default(),
+                behaviour,
+                gets: AtomicUsize::new(0),
+                uploaded: AtomicU64::new(0),
+            });
+            self.providers.lock().unwrap().insert(peer, p.clone());
+            p
+        }
+    }
+
+    impl Dialer for MemDialer {
+        type Stream = Compat<tokio::io::DuplexStream>;
+        fn open(&self, peer: PeerId) -> BoxFuture<'static, io::Result<Self::Stream>> {
+            let provider = self.providers.lock().unwrap().get(&peer).cloned();
+            let asker = self.me;
+            Box::pin(async move {
+                let provider =
+                    provider.ok_or_else(|| io::Error::from(io::ErrorKind::ConnectionRefused))?;
+                let (ours, theirs) = tokio::io::duplex(256 * 1024);
+                tokio::spawn(async move {
+                    let stream = theirs.compat();
+                    let served = match provider.behaviour {
+                        Behaviour::Honest => {
+                            serve(provider.store.clone(), &provider.seeding, asker, stream).await
+                        }
+                        Behaviour::Corrupting => corrupt_serve(&provider.store, stream).await,
+                        Behaviour::StopsAfter(n) => serve_at_most(&provider, n, stream).await,
+                    };
+                    if let Ok(s) = served {
+                        provider.uploaded.fetch_add(s.bytes, Ordering::SeqCst);
+                    }
+                });
+                Ok(ours.compat())
+            })
+        }
+    }
+
+    /// Serves the first `n` `Get`s (counted on arrival, so exactly `n` whatever the
+    /// concurrency), then refuses every request.
+    async fn serve_at_most<S: AsyncRead + AsyncWrite + Unpin>(
+        p: &Provider,
+        n: usize,
+        mut stream: S,
+    ) -> Result<Served, ServeError> {
+        let request: BlobRequest = read_frame(&mut stream, MAX_BLOB_REQUEST_BYTES).await?;
+        let (header, body) = match request {
+            BlobRequest::Get { hash, ranges } if p.gets.fetch_add(1, Ordering::SeqCst) < n => {
+                get_answer(&p.store, &hash, &ranges).await?
+            }
+            BlobRequest::Has { hash } if p.gets.load(Ordering::SeqCst) < n => {
+                (has_answer(&p.store, &hash).await?, Vec::new())
+            }
+            _ => (BlobResponse::Refused("gone".into()), Vec::new()),
+        };
+        write_frame(&mut stream, &header).await?;
+        stream.write_all(&body).await?;
+        stream.close().await?;
+        Ok(Served {
+            bytes: body.len() as u64,
+        })
+    }
+
+    /// Answers like an honest provider, but flips one payload byte of every `Data` answer.
+    async fn corrupt_serve<S: AsyncRead + AsyncWrite + Unpin>(
+        store: &Store,
+        mut stream: S,
+    ) -> Result<Served, ServeError> {
+        let request: BlobRequest = read_frame(&mut stream, MAX_BLOB_REQUEST_BYTES).await?;
+        let (header, mut body) = match request {
+            BlobRequest::Has { hash } => (has_answer(store, &hash).await?, Vec::new()),
+            BlobRequest::Get { hash, ranges } => get_answer(store, &hash, &ranges).await?,
+        };
+        if body.len() > 100 {
+            let at = body.len() - 100;
+            body[at] ^= 0x01;
+        }
+        write_frame(&mut stream, &header).await?;
+        stream.write_all(&body).await?;
+        stream.close().await?;
+        Ok(Served {
+            bytes: body.len() as u64,
+        })
+    }
+
+    fn seeded(bytes: &[u8]) -> (TestStore, BlobHash) {
+        let t = TestStore::new(None);
+        let hash = t.store.import_bytes(bytes).unwrap();
+        (t, hash)
+    }
+
+    fn read_blob(store: &Store, hash: &BlobHash) -> Vec<u8> {
+        std::fs::read(store.blob_path(hash)).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blob_comes_whole_and_exact_from_two_providers() {
+        let bytes = data(5 * PIECE_BYTES as usize + 12_345, 1);
+        let (a, hash) = seeded(&bytes);
+        let (b, _) = seeded(&bytes);
+        let dialer = MemDialer::default();
+        let (pa, pb) = (PeerId::random(), PeerId::random());
+        dialer.add(pa, a.store.clone(), Behaviour::Honest);
+        dialer.add(pb, b.store.clone(), Behaviour::Honest);
+        let me = TestStore::new(None);
+        let mut seen = Vec::new();
+        let report = fetch(&me.store, Arc::new(dialer), hash, &[pa, pb], 1, |p| {
+            seen.push(p)
+        })
+        .await
+        .unwrap();
+        assert_eq!(read_blob(&me.store, &hash), bytes);
+        assert_eq!(report.size, bytes.len() as u64);
+        assert!(report.received() >= bytes.len() as u64);
+        assert_eq!(
+            report.bytes_from.len(),
+            2,
+            "both providers served: {report:?}"
+        );
+        assert_eq!(seen.last().map(|p| p.done_bytes), Some(bytes.len() as u64));
+        // A second fetch finds it complete and transfers nothing.
+        let again = fetch(
+            &me.store,
+            Arc::new(MemDialer::default()),
+            hash,
+            &[],
+            1,
+            |_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(again.received(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_provider_sending_bad_data_is_dropped_and_nothing_corrupt_is_written() {
+        let bytes = data(4 * PIECE_BYTES as usize, 2);
+        let (good, hash) = seeded(&bytes);
+        let (bad, _) = seeded(&bytes);
+        let dialer = MemDialer::default();
+        let (pg, pb) = (PeerId::random(), PeerId::random());
+        dialer.add(pg, good.store.clone(), Behaviour::Honest);
+        dialer.add(pb, bad.store.clone(), Behaviour::Corrupting);
+        let me = TestStore::new(None);
+        let report = fetch(&me.store, Arc::new(dialer), hash, &[pb, pg], 9, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(read_blob(&me.store, &hash), bytes, "the blob must be exact");
+        assert!(report.dropped.contains(&pb), "{report:?}");
+        assert!(!report.dropped.contains(&pg));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_byte_flipped_on_a_providers_disk_is_caught_and_the_blob_completes_elsewhere() {
+        let bytes = data(3 * PIECE_BYTES as usize, 3);
+        let (flipped, hash) = seeded(&bytes);
+        let (good, _) = seeded(&bytes);
+        // Flip one byte of the stored blob (files are read-only: make it writable first).
+        let path = flipped.store.blob_path(&hash);
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(&path, perms).unwrap();
+        let mut on_disk = std::fs::read(&path).unwrap();
+        on_disk[PIECE_BYTES as usize + 5] ^= 0x80;
+        std::fs::write(&path, &on_disk).unwrap();
+        let dialer = MemDialer::default();
+        let (pf, pg) = (PeerId::random(), PeerId::random());
+        dialer.add(pf, flipped.store.clone(), Behaviour::Honest);
+        dialer.add(pg, good.store.clone(), Behaviour::Honest);
+        let me = TestStore::new(None);
+        let report = fetch(&me.store, Arc::new(dialer), hash, &[pf, pg], 4, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(read_blob(&me.store, &hash), bytes);
+        // The flipped provider no longer calls its copy complete.
+        assert!(
+            !flipped.store.has(&hash).unwrap().complete,
+            "the corrupt copy must be demoted"
+        );
+        let from_flipped = report.bytes_from.get(&pf).copied().unwrap_or(0);
+        assert!(from_flipped < bytes.len() as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_cut_off_halfway_resumes_with_only_the_missing_bytes() {
+        let pieces = 8u64;
+        let bytes = data((pieces * PIECE_BYTES) as usize, 4);
+        let (seed, hash) = seeded(&bytes);
+        let me = TestStore::new(None);
+        // The first provider goes away after serving half the pieces.
+        let first = MemDialer::default();
+        let p1 = PeerId::random();
+        first.add(p1, seed.store.clone(), Behaviour::StopsAfter(4));
+        let err = fetch(&me.store, Arc::new(first), hash, &[p1], 5, |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::NoProviders { .. }), "{err}");
+        // The process dies: the store is closed and opened again.
+        let me = me.reopen(None);
+        let second = MemDialer::default();
+        let p2 = PeerId::random();
+        second.add(p2, seed.store.clone(), Behaviour::Honest);
+        let report = fetch(&me.store, Arc::new(second), hash, &[p2], 5, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(read_blob(&me.store, &hash), bytes);
+        assert_eq!(report.resumed_bytes, 4 * PIECE_BYTES, "{report:?}");
+        assert_eq!(
+            report.received(),
+            bytes.len() as u64 - 4 * PIECE_BYTES,
+            "only the missing half is transferred"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn four_fetchers_trade_pieces_so_the_seeder_uploads_little_more_than_once() {
+        let bytes = data(48 * PIECE_BYTES as usize, 6);
+        let (seed, hash) = seeded(&bytes);
+        let dialer = MemDialer::default();
+        let seeder = PeerId::random();
+        let seeder_stats = dialer.add(seeder, seed.store.clone(), Behaviour::Honest);
+        let fetchers: Vec<(PeerId, TestStore)> = (0..4)
+            .map(|_| (PeerId::random(), TestStore::new(None)))
+            .collect();
+        let mut stats = Vec::new();
+        for (peer, t) in &fetchers {
+            stats.push(dialer.add(*peer, t.store.clone(), Behaviour::Honest));
+        }
+        let all: Vec<PeerId> = std::iter::once(seeder)
+            .chain(fetchers.iter().map(|(p, _)| *p))
+            .collect();
+        let runs = fetchers.iter().enumerate().map(|(i, (me, t))| {
+            let candidates: Vec<PeerId> = all.iter().copied().filter(|p| p != me).collect();
+            let dialer = Arc::new(dialer.as_peer(*me));
+            let store = t.store.clone();
+            async move { fetch(&store, dialer, hash, &candidates, i as u64 + 100, |_| {}).await }
+        });
+        for result in futures::future::join_all(runs).await {
+            result.unwrap();
+        }
+        for (_, t) in &fetchers {
+            assert_eq!(read_blob(&t.store, &hash), bytes);
+        }
+        let uploaded = seeder_stats.uploaded.load(Ordering::SeqCst) as f64;
+        let factor = uploaded / bytes.len() as f64;
+        let from_fetchers: u64 = stats
+            .iter()
+            .map(|s| s.uploaded.load(Ordering::SeqCst))
+            .sum();
+        println!("seeder upload factor {factor:.2}, fetchers served {from_fetchers} bytes");
+        assert!(from_fetchers > 0, "the fetchers must serve each other");
+        assert!(factor <= 1.5, "the seeder uploaded {factor:.2}× the blob");
+    }
+
+    #[test]
+    fn wire_ranges_are_checked() {
+        assert!(ranges_from_wire(&[(0, 4), (8, 9)]).is_ok());
+        assert!(matches!(
+            ranges_from_wire(&[(4, 4)]),
+            Err(BadRanges::Malformed(4, 4))
+        ));
+        assert!(matches!(
+            ranges_from_wire(&[(8, 9), (0, 4)]),
+            Err(BadRanges::Malformed(0, 4))
+        ));
+        let many: Vec<(u64, u64)> = (0..MAX_BLOB_RANGES as u64 + 1)
+            .map(|i| (2 * i, 2 * i + 1))
+            .collect();
+        assert!(matches!(ranges_from_wire(&many), Err(BadRanges::TooMany)));
+        let r = ranges_from_wire(&[(0, 4), (8, 9)]).unwrap();
+        assert_eq!(ranges_to_wire(&r, 9 * 1024), vec![(0, 4), (8, 9)]);
+        assert_eq!(ranges_to_wire(&ChunkRanges::all(), 3000), vec![(0, 3)]);
+    }
+}
