@@ -590,21 +590,49 @@ impl Node {
         self.wait_api(API_TIMEOUT)
     }
 
+    /// Starts `up` again with the arguments of the last start, after the daemon died or was
+    /// killed, and waits for its API.
+    pub fn start_again(&mut self) -> Result<SocketAddr> {
+        let args = self.up_args.clone();
+        self.start_raw(&args)?;
+        self.wait_api(API_TIMEOUT)
+    }
+
     /// Runs `blendnet <args[0]> --data-dir DIR <args[1..]>` (bounded by [`CLI_TIMEOUT`]),
     /// whatever its exit status.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        run_bounded(&mut self.cli_command(args)?, CLI_TIMEOUT)
+            .with_context(|| format!("node {}: blendnet {}", self.name, args.join(" ")))
+    }
+
+    /// The command [`Node::cli`] runs, for callers that spawn it themselves (in the
+    /// background, or with another bound).
+    pub fn cli_command(&self, args: &[&str]) -> Result<Command> {
         let (sub, rest) = args
             .split_first()
-            .with_context(|| format!("node {}: cli() needs a subcommand", self.name))?;
-        let bin = blendnet_bin()?;
-        let mut cmd = Command::new(&bin);
+            .with_context(|| format!("node {}: cli_command() needs a subcommand", self.name))?;
+        let mut cmd = Command::new(blendnet_bin()?);
         cmd.arg(sub)
             .arg("--data-dir")
             .arg(&self.data)
             .args(rest)
             .env_remove(DATA_DIR_ENV);
-        run_bounded(&mut cmd, CLI_TIMEOUT)
-            .with_context(|| format!("node {}: blendnet {}", self.name, args.join(" ")))
+        Ok(cmd)
+    }
+
+    /// Runs a CLI command that must succeed within `timeout`; returns its stdout.
+    pub fn cli_ok_within(&self, args: &[&str], timeout: Duration) -> Result<String> {
+        let out = run_bounded(&mut self.cli_command(args)?, timeout)
+            .with_context(|| format!("node {}: blendnet {}", self.name, args.join(" ")))?;
+        ensure!(
+            out.status.success(),
+            "node {}: `blendnet {}` failed with {}: {}",
+            self.name,
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs a CLI command that must succeed; returns its stdout.

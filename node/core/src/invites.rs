@@ -21,10 +21,26 @@ pub struct Invite {
     pub used_by: Option<PeerId>,
 }
 
-/// The invites of one inviter.
+/// The invites of one inviter. Serialized as a list of `(token, invite)` pairs, so formats
+/// whose map keys must be strings (JSON) can hold it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Vec<(Token, Invite)>", into = "Vec<(Token, Invite)>")]
 pub struct Invites {
     invites: BTreeMap<Token, Invite>,
+}
+
+impl From<Vec<(Token, Invite)>> for Invites {
+    fn from(list: Vec<(Token, Invite)>) -> Invites {
+        Invites {
+            invites: list.into_iter().collect(),
+        }
+    }
+}
+
+impl From<Invites> for Vec<(Token, Invite)> {
+    fn from(invites: Invites) -> Vec<(Token, Invite)> {
+        invites.invites.into_iter().collect()
+    }
 }
 
 impl Invites {
@@ -83,6 +99,24 @@ impl Invites {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invites_survive_a_json_round_trip() {
+        let mut inv = Invites::default();
+        inv.issue(Token([7; 16]), Roles::default_member(), 100);
+        let a = PeerId::random();
+        inv.redeem(&Token([7; 16]), a, 1).unwrap();
+        inv.issue(Token([8; 16]), Roles::default_member(), 200);
+        let text = serde_json::to_string(&inv).unwrap();
+        let back: Invites = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, inv);
+        // A redeemed invite stays redeemed after the round trip.
+        let mut back = back;
+        assert_eq!(
+            back.redeem(&Token([7; 16]), PeerId::random(), 2),
+            Err(Refusal::AlreadyUsed)
+        );
+    }
 
     #[test]
     fn an_invite_is_single_use_expires_and_retries_are_idempotent() {

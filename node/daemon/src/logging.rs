@@ -52,7 +52,15 @@ pub enum LoggingError {
     /// `max_log_files` is zero.
     #[error("invalid value for `max_log_files`: must be at least 1")]
     NoLogFiles,
-    /// The log directory or file could not be created.
+    /// The log directory could not be created.
+    #[error("cannot create the log directory {dir}")]
+    Dir {
+        /// The log directory.
+        dir: PathBuf,
+        /// The reason.
+        source: std::io::Error,
+    },
+    /// The log file could not be created.
     #[error("cannot create log files in {dir}")]
     Files {
         /// The log directory.
@@ -115,6 +123,12 @@ pub fn file_appender(
         return Err(LoggingError::NoLogFiles);
     }
     let dir = data_dir.logs();
+    // The appender prunes old files as it starts and complains (on stderr) when the directory
+    // is missing: make it first.
+    std::fs::create_dir_all(&dir).map_err(|source| LoggingError::Dir {
+        dir: dir.clone(),
+        source,
+    })?;
     RollingFileAppender::builder()
         .rotation(Rotation::DAILY)
         .filename_prefix(FILE_PREFIX)

@@ -1004,6 +1004,15 @@ impl NetActor {
 
     fn on_member_connected(&mut self, peer: PeerId) {
         tracing::info!(%peer, "member connected");
+        // Remember where it is now, so a restart (even after a crash) finds it again.
+        let addrs = self
+            .peers
+            .get(&peer)
+            .map(|s| s.addrs.clone())
+            .unwrap_or_default();
+        if !addrs.is_empty() {
+            self.emit(Event::PeerAddrs { peer, addrs });
+        }
         self.request_roster_sync(peer);
         let sync = &mut self.swarm.behaviour_mut().sync;
         sync.send_request(&peer, Checked::Valid(SyncRequest::Status));

@@ -1,0 +1,315 @@
+//! Scenes travel once: real daemons on loopback moving blobs with `blendnet store`.
+//!
+//! Every file is made here from a seeded generator, so the bytes are known and each fetch is
+//! compared byte for byte with what was added.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use blendnet_tests::{Node, e2e, eventually, online_peers};
+use serde_json::Value;
+
+/// Members must see each other this soon.
+const ONLINE_WITHIN: Duration = Duration::from_secs(15);
+/// Bound on one `store get` of the sizes used here on a loaded 2-core machine.
+const GET_WITHIN: Duration = Duration::from_secs(300);
+const MIB: usize = 1024 * 1024;
+
+/// Deterministic bytes (xorshift), so a failing comparison can be reproduced.
+fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A founder and `n` members joined by invite, all online.
+fn mesh(n: usize) -> Result<Vec<Node>> {
+    let (mut a, _) = Node::init("seeder")?;
+    a.up(&[])?;
+    let mut nodes = vec![a];
+    for i in 0..n {
+        let mut node = Node::new(&format!("fetcher{i}"))?;
+        node.cli_ok(&["join", &nodes[0].invite(&[])?])?;
+        node.up(&[])?;
+        nodes.push(node);
+    }
+    let ids: Vec<String> = nodes.iter().map(Node::peer_id).collect::<Result<_>>()?;
+    eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
+        for (node, me) in nodes.iter().zip(&ids) {
+            let online = online_peers(&node.peers()?)?;
+            for id in ids.iter().filter(|id| *id != me) {
+                ensure!(online.contains(id), "{} does not see {id} yet", node.name());
+            }
+        }
+        Ok(())
+    })?;
+    Ok(nodes)
+}
+
+fn store_get(node: &Node, hash: &str, out: &Path, extra: &[&str]) -> Result<Value> {
+    let out_arg = out.display().to_string();
+    let mut args = vec!["store", "get", hash, "--out", &out_arg, "--json"];
+    args.extend_from_slice(extra);
+    let text = node.cli_ok_within(&args, GET_WITHIN)?;
+    serde_json::from_str(&text).with_context(|| format!("store get printed: {text}"))
+}
+
+fn received_from(view: &Value, peer: &str) -> u64 {
+    view.pointer(&format!("/received_from/{peer}"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+fn received(view: &Value) -> u64 {
+    view.get("received_from")
+        .and_then(Value::as_object)
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0)
+}
+
+fn scratch(node: &Node, name: &str) -> Result<PathBuf> {
+    let dir = node
+        .data_dir()
+        .parent()
+        .context("data dir has no parent")?
+        .join(name);
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A scene directory travels whole: layout, bytes and the executable bit.
+#[test]
+fn a_directory_travels_whole_with_its_layout() {
+    e2e(|| {
+        let nodes = mesh(1)?;
+        let (a, b) = (&nodes[0], &nodes[1]);
+        let scene = scratch(a, "scene")?;
+        fs::create_dir_all(scene.join("textures/wood"))?;
+        let files = [
+            ("shot.blend", bytes(3 * MIB + 17, 1)),
+            ("textures/wood/oak.png", bytes(700_000, 2)),
+            ("textures/empty.txt", Vec::new()),
+            ("bake.sh", b"#!/bin/sh\necho baked\n".to_vec()),
+        ];
+        for (path, content) in &files {
+            fs::write(scene.join(path), content)?;
+        }
+        fs::set_permissions(scene.join("bake.sh"), fs::Permissions::from_mode(0o755))?;
+        let hash = a
+            .cli_ok(&["store", "add", &scene.display().to_string()])?
+            .trim()
+            .to_string();
+        ensure!(hash.len() == 64, "store add printed {hash:?}");
+        let out = scratch(b, "out")?;
+        let view = store_get(b, &hash, &out, &[])?;
+        for (path, content) in &files {
+            let got = fs::read(out.join(path)).with_context(|| format!("{path} missing"))?;
+            ensure!(&got == content, "{path} differs after the transfer");
+        }
+        let mode = fs::metadata(out.join("bake.sh"))?.permissions().mode();
+        ensure!(
+            mode & 0o111 != 0,
+            "bake.sh lost its executable bit: {mode:o}"
+        );
+        ensure!(
+            received_from(&view, &a.peer_id()?) > 0,
+            "B should have received from A: {view}"
+        );
+        // Listed on both sides.
+        let list: Value = serde_json::from_str(&b.cli_ok(&["store", "ls", "--json"])?)?;
+        ensure!(
+            list.as_array()
+                .is_some_and(|l| l.iter().any(|e| e["hash"] == hash.as_str())),
+            "B's store does not list the manifest: {list}"
+        );
+        Ok(())
+    });
+}
+
+/// A fetch killed halfway (the fetching daemon dies) resumes with only the missing bytes.
+#[test]
+fn a_killed_fetch_resumes_with_only_the_missing_bytes() {
+    e2e(|| {
+        let mut nodes = mesh(1)?;
+        let size = 96 * MIB;
+        let content = bytes(size, 3);
+        let src = scratch(&nodes[0], "big")?;
+        fs::write(src.join("big.bin"), &content)?;
+        let hash = nodes[0]
+            .cli_ok(&["store", "add", &src.join("big.bin").display().to_string()])?
+            .trim()
+            .to_string();
+        let a_id = nodes[0].peer_id()?;
+        let (seeder, rest) = nodes.split_at_mut(1);
+        let b = &mut rest[0];
+        let out = scratch(b, "out")?;
+        let out_arg = out.display().to_string();
+        // Start the fetch in the background and kill B's daemon once part of it is verified.
+        let mut get = b
+            .cli_command(&["store", "get", &hash, "--out", &out_arg, "--json"])?
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let token = b.api_token()?;
+        let partway = eventually(Duration::from_secs(60), Duration::from_millis(10), || {
+            let response = b.api_get("/v1/store/fetches", Some(&token))?;
+            let fetches: Value = serde_json::from_str(&response.body)?;
+            let fetch = fetches
+                .as_array()
+                .and_then(|l| l.iter().find(|e| e["size"] == size as u64))
+                .cloned()
+                .context("the big blob's fetch has not started")?;
+            let done = fetch["done_bytes"].as_u64().unwrap_or(0);
+            ensure!(done > 0, "nothing verified yet");
+            ensure!(
+                done < size as u64 / 2,
+                "already {done} bytes: too late to kill halfway"
+            );
+            Ok(done)
+        })?;
+        b.kill()?;
+        let _ = get.kill();
+        let _ = get.wait();
+        println!("killed the fetching daemon after {partway} of {size} bytes");
+        b.start_again()?;
+        eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
+            ensure!(
+                online_peers(&b.peers()?)?.contains(&a_id),
+                "B does not see A yet"
+            );
+            Ok(())
+        })?;
+        let view = store_get(b, &hash, &out, &[])?;
+        let got = fs::read(out.join("big.bin"))?;
+        ensure!(got == content, "the resumed file differs");
+        // The manifest (a small blob, fetched whole before the kill) counts as resumed too.
+        let listed: Value = serde_json::from_str(&seeder[0].cli_ok(&["store", "ls", "--json"])?)?;
+        let manifest_len = listed
+            .as_array()
+            .and_then(|l| l.iter().find(|e| e["hash"] == hash.as_str()))
+            .and_then(|e| e["size"].as_u64())
+            .context("the seeder does not list the manifest")?;
+        let resumed = view["resumed"].as_u64().context("no resumed field")?;
+        let fresh = received(&view);
+        ensure!(
+            resumed >= manifest_len + partway,
+            "what was verified before the kill ({partway} bytes) must not be fetched again: {view}"
+        );
+        ensure!(
+            fresh + resumed == size as u64 + manifest_len,
+            "the second fetch moved {fresh} bytes with {resumed} already here, for {size}: {view}"
+        );
+        println!("resumed {resumed} bytes, fetched {fresh} more");
+        Ok(())
+    });
+}
+
+/// One seeder, four fetchers of a 256 MiB blob at once: every fetcher ends with the exact
+/// bytes, and the seeder uploads at most 1.5 times the blob (the fetchers trade pieces).
+#[test]
+fn four_fetchers_share_the_load_of_one_seeder() {
+    e2e(|| {
+        let nodes = mesh(4)?;
+        let size = 256 * MIB;
+        let content = bytes(size, 4);
+        let src = scratch(&nodes[0], "big")?;
+        fs::write(src.join("big.bin"), &content)?;
+        let hash = nodes[0]
+            .cli_ok(&["store", "add", &src.join("big.bin").display().to_string()])?
+            .trim()
+            .to_string();
+        let seeder = nodes[0].peer_id()?;
+        let start = Instant::now();
+        let views = std::thread::scope(|s| {
+            let handles: Vec<_> = nodes[1..]
+                .iter()
+                .map(|n| {
+                    let hash = hash.clone();
+                    s.spawn(move || -> Result<(Value, PathBuf)> {
+                        let out = scratch(n, "out")?;
+                        Ok((store_get(n, &hash, &out, &[])?, out))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a fetch thread panicked"))?
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let elapsed = start.elapsed();
+        let mut from_seeder = 0;
+        for (view, out) in &views {
+            ensure!(
+                fs::read(out.join("big.bin"))? == content,
+                "a fetcher's copy differs"
+            );
+            from_seeder += received_from(view, &seeder);
+        }
+        let factor = from_seeder as f64 / size as f64;
+        println!("seeder upload factor with 4 fetchers: {factor:.2} ({elapsed:.1?})");
+        ensure!(factor <= 1.5, "the seeder uploaded {factor:.2}× the blob");
+        Ok(())
+    });
+}
+
+/// A fetch that would overflow the store's quota fails with a message that says so, and the
+/// store is left as it was.
+#[test]
+fn a_fetch_over_the_quota_fails_clearly() {
+    e2e(|| {
+        let (mut a, _) = Node::init("seeder")?;
+        a.up(&[])?;
+        let mut b = Node::new("small")?;
+        fs::write(
+            b.data_dir().join("blendnet.toml"),
+            "[store]\nquota = \"4 MiB\"\n",
+        )?;
+        b.cli_ok(&["join", &a.invite(&[])?])?;
+        b.up(&[])?;
+        let a_id = a.peer_id()?;
+        eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
+            ensure!(
+                online_peers(&b.peers()?)?.contains(&a_id),
+                "B does not see A yet"
+            );
+            Ok(())
+        })?;
+        let src = scratch(&a, "big")?;
+        fs::write(src.join("big.bin"), bytes(8 * MIB, 5))?;
+        let hash = a
+            .cli_ok(&["store", "add", &src.join("big.bin").display().to_string()])?
+            .trim()
+            .to_string();
+        let out = scratch(&b, "out")?;
+        let err = b.cli_err(&["store", "get", &hash, "--out", &out.display().to_string()])?;
+        ensure!(
+            err.contains("quota"),
+            "the error should name the quota: {err}"
+        );
+        ensure!(
+            !out.join("big.bin").exists(),
+            "nothing may be written on failure"
+        );
+        let list: Value = serde_json::from_str(&b.cli_ok(&["store", "ls", "--json"])?)?;
+        ensure!(
+            list.as_array()
+                .is_some_and(|l| l.iter().all(|e| e["size"].as_u64() < Some(MIB as u64))),
+            "no part of the big blob may stay in the store: {list}"
+        );
+        Ok(())
+    });
+}
