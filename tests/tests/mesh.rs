@@ -289,7 +289,10 @@ fn mesh_lifecycle_join_foreign_restart_revoke() {
 fn used_and_expired_invites_are_refused() {
     e2e(|| {
         let (mut a, mesh_id) = Node::init("a")?;
-        a.up(&[])?;
+        // A fixed port, so codes made before A restarts still lead to it afterwards.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+        a.up(&["--listen", &listen])?;
         let mut codes = BTreeSet::new();
         for ttl in ["30s", "10m", "1h", "2d"] {
             codes.insert(a.invite(&["--ttl", ttl])?);
@@ -313,6 +316,21 @@ fn used_and_expired_invites_are_refused() {
         c.start(&[])?;
         expect_refused(&mut c, "already been used")?;
 
+        // After A restarts, the used invite is still used and an unused one still works.
+        let spare = a.invite(&[])?;
+        a.restart()?;
+        let mut d = Node::new("d")?;
+        d.cli_ok(&["join", &code])?;
+        d.start(&[])?;
+        expect_refused(&mut d, "already been used")
+            .context("a used invite must stay used across the inviter's restart")?;
+        let mut f = Node::new("f")?;
+        f.cli_ok(&["join", &spare])?;
+        f.up(&[])?;
+        eventually(ONLINE_WITHIN, POLL, || is_member_of(&f, &mesh_id))
+            .context("an invite made before the inviter restarted must still work")?;
+        f.stop()?;
+
         let expiring = a.invite(&["--ttl", "1s"])?;
         thread::sleep(Duration::from_secs(2));
         let mut e = Node::new("e")?;
@@ -331,7 +349,7 @@ fn used_and_expired_invites_are_refused() {
         }
 
         let listed = listed_peers(&a.peers()?)?;
-        ensure!(listed.len() == 1, "A lists {listed:?}, expected only B");
+        ensure!(listed.len() == 2, "A lists {listed:?}, expected only B and F");
         a.stop()?;
         b.stop()?;
         Ok(())
