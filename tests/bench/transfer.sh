@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): blob transfer over the mesh on loopback, against a raw TCP copy of
+# the same file measured in the same run.
+#
+#   tests/bench/transfer.sh [SIZE_MIB] [FETCHERS]     # defaults: 1024 MiB, 8 fetchers
+#
+# 1. reference: a plain TCP copy of the file over 127.0.0.1 (Python sockets, written to disk);
+# 2. one fetch of the blob by one member from the seeder (`blendnet store get --from`), verified;
+#    prints the throughput ratio mesh / TCP (aim: 0.7 or better on 2 cores);
+# 3. FETCHERS members fetch the blob at once; prints the seeder's upload factor (bytes the
+#    fetchers received from the seeder / blob size; aim: under 1.3).
+# Uses the release binary (or $BLENDNET_BIN). Everything runs in a temporary directory on
+# loopback and is removed at the end.
+set -euo pipefail
+
+size_mib="${1:-1024}"
+fetchers="${2:-8}"
+[[ "$size_mib" =~ ^[1-9][0-9]*$ && "$fetchers" =~ ^[1-9][0-9]*$ ]] || {
+    echo "usage: $0 [SIZE_MIB] [FETCHERS]" >&2
+    exit 2
+}
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+if [[ -n "${BLENDNET_BIN:-}" ]]; then
+    bin="$BLENDNET_BIN"
+else
+    cargo build --release --bin blendnet >&2
+    bin="$root/target/release/blendnet"
+fi
+work="$(mktemp -d -t blendnet-bench-transfer-XXXXXX)"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+
+start_node() { # name [join-code]
+    local dir="$work/$1"
+    mkdir -p "$dir"
+    if [[ -n "${2:-}" ]]; then "$bin" join --data-dir "$dir" "$2" >/dev/null; fi
+    RUST_LOG=warn "$bin" up --data-dir "$dir" --listen /ip4/127.0.0.1/tcp/0 --api 127.0.0.1:0 \
+        --no-mdns --no-render >"$dir.log" 2>&1 &
+    pids+=("$!")
+    for _ in $(seq 300); do
+        "$bin" status --data-dir "$dir" --json >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "node $1 did not start; its log:" >&2
+    tail -20 "$dir.log" >&2
+    exit 1
+}
+
+peer_count() { "$bin" status --data-dir "$work/$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["peer_count"])'; }
+
+echo "making a ${size_mib} MiB file" >&2
+mkdir -p "$work/src"
+python3 - "$work/src/blob.bin" "$size_mib" <<'PY'
+import os, sys
+path, mib = sys.argv[1], int(sys.argv[2])
+chunk = os.urandom(1 << 20)
+with open(path, "wb") as f:
+    for i in range(mib):
+        # Vary each MiB so no two pieces are equal.
+        f.write(i.to_bytes(8, "little") + chunk[8:])
+PY
+
+# 1. The reference: a raw TCP copy on loopback, received into a file.
+tcp_s="$(python3 - "$work/src/blob.bin" "$work/tcp.out" <<'PY'
+import os, socket, sys, threading, time
+src, dst = sys.argv[1], sys.argv[2]
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+port = srv.getsockname()[1]
+def send():
+    conn, _ = srv.accept()
+    with open(src, "rb") as f:
+        conn.sendfile(f)
+    conn.close()
+t = threading.Thread(target=send); t.start()
+start = time.perf_counter()
+c = socket.create_connection(("127.0.0.1", port))
+with open(dst, "wb") as out:
+    while True:
+        b = c.recv(1 << 20)
+        if not b: break
+        out.write(b)
+    out.flush(); os.fsync(out.fileno())
+elapsed = time.perf_counter() - start
+t.join()
+print(f"{elapsed:.3f}")
+PY
+)"
+rm -f "$work/tcp.out"
+
+# 2. The mesh: a seeder and one fetcher.
+"$bin" init --data-dir "$work/seeder" >/dev/null 2>&1
+start_node seeder
+seeder_id="$("$bin" status --data-dir "$work/seeder" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["peer_id"])')"
+t0="$(now)"
+hash="$("$bin" store add --data-dir "$work/seeder" "$work/src/blob.bin" 2>/dev/null)"
+t1="$(now)"
+for i in $(seq 0 "$fetchers"); do
+    start_node "f$i" "$("$bin" invite --data-dir "$work/seeder")"
+done
+for _ in $(seq 300); do
+    [[ "$(peer_count seeder)" -ge $((fetchers + 1)) ]] && break
+    sleep 0.1
+done
+t2="$(now)"
+"$bin" store get --data-dir "$work/f0" "$hash" --out "$work/f0-out" --from "$seeder_id" --json >/dev/null 2>"$work/f0-get.err"
+t3="$(now)"
+cmp -s "$work/src/blob.bin" "$work/f0-out/blob.bin" || { echo "the fetched copy differs!" >&2; exit 1; }
+
+# 3. Many fetchers at once.
+t4="$(now)"
+for i in $(seq 1 "$fetchers"); do
+    "$bin" store get --data-dir "$work/f$i" "$hash" --out "$work/f$i-out" --json >"$work/f$i.json" 2>/dev/null &
+    getpids+=("$!")
+done
+for p in "${getpids[@]}"; do wait "$p"; done
+t5="$(now)"
+for i in $(seq 1 "$fetchers"); do
+    cmp -s "$work/src/blob.bin" "$work/f$i-out/blob.bin" || { echo "fetcher $i's copy differs!" >&2; exit 1; }
+done
+from_seeder="$(python3 - "$seeder_id" "$work" "$fetchers" <<'PY'
+import json, sys
+seeder, work, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+print(sum(json.load(open(f"{work}/f{i}.json"))["received_from"].get(seeder, 0) for i in range(1, n + 1)))
+PY
+)"
+
+python3 - "$size_mib" "$tcp_s" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$from_seeder" "$fetchers" <<'PY'
+import sys
+mib = int(sys.argv[1]); tcp = float(sys.argv[2])
+t0, t1, t2, t3, t4, t5 = map(float, sys.argv[3:9]); from_seeder = int(sys.argv[9]); n = int(sys.argv[10])
+size = mib << 20
+mesh = t3 - t2
+print(f"blob: {mib} MiB, loopback, release build")
+print(f"  store add (hash + outboard + copy):   {t1 - t0:7.2f} s  {mib / (t1 - t0):8.1f} MiB/s")
+print(f"  raw TCP copy (reference):             {tcp:7.2f} s  {mib / tcp:8.1f} MiB/s")
+print(f"  one mesh fetch, verified:             {mesh:7.2f} s  {mib / mesh:8.1f} MiB/s")
+print(f"  ratio mesh / TCP throughput:          {tcp / mesh:7.2f}    (aim: 0.7 or better)")
+print(f"  {n} fetchers at once:                  {t5 - t4:7.2f} s")
+print(f"  seeder upload factor with {n} fetchers: {from_seeder / size:7.2f}    (aim: under 1.3)")
+PY
