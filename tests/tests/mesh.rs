@@ -290,7 +290,9 @@ fn used_and_expired_invites_are_refused() {
     e2e(|| {
         let (mut a, mesh_id) = Node::init("a")?;
         // A fixed port, so codes made before A restarts still lead to it afterwards.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let listen = format!("/ip4/127.0.0.1/tcp/{port}");
         a.up(&["--listen", &listen])?;
         let mut codes = BTreeSet::new();
@@ -349,7 +351,10 @@ fn used_and_expired_invites_are_refused() {
         }
 
         let listed = listed_peers(&a.peers()?)?;
-        ensure!(listed.len() == 2, "A lists {listed:?}, expected only B and F");
+        ensure!(
+            listed.len() == 2,
+            "A lists {listed:?}, expected only B and F"
+        );
         a.stop()?;
         b.stop()?;
         Ok(())

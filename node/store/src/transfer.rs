@@ -45,6 +45,9 @@ pub const MAX_IN_FLIGHT_PER_PROVIDER: usize = 2;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a fetch asks partial providers again what they hold (they are fetching too).
 pub const AVAILABILITY_REFRESH: Duration = Duration::from_millis(100);
+/// Peers that held nothing of the blob when last asked are asked again only every this many
+/// [`AVAILABILITY_REFRESH`] ticks: most members are not fetching it at all.
+pub const IDLE_PEER_REFRESH_TICKS: u64 = 10;
 /// A fetch that verifies nothing new for this long gives up (it resumes when started again).
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a seeder remembers that it sent a piece to one fetcher, and answers other fetchers
@@ -543,6 +546,7 @@ pub async fn fetch<D: Dialer>(
     let mut refresh = tokio::time::interval(AVAILABILITY_REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_progress = tokio::time::Instant::now();
+    let mut ticks: u64 = 0;
     let mut done_bytes = report.resumed_bytes;
     while !picker.is_complete() {
         for peer in live.clone() {
@@ -613,7 +617,16 @@ pub async fn fetch<D: Dialer>(
                 }
             },
             _ = refresh.tick() => {
-                for peer in watching.iter().filter(|p| !asking.contains(p)).copied().collect::<Vec<_>>() {
+                // Peers known to be fetching are asked every tick; the others (which held
+                // nothing when last asked) only every IDLE_PEER_REFRESH_TICKS ticks.
+                ticks += 1;
+                let due: Vec<PeerId> = watching
+                    .iter()
+                    .filter(|p| !asking.contains(p))
+                    .filter(|p| live.contains(p) || ticks.is_multiple_of(IDLE_PEER_REFRESH_TICKS))
+                    .copied()
+                    .collect();
+                for peer in due {
                     asking.insert(peer);
                     waiting.push(Box::pin(ask(peer)));
                 }
