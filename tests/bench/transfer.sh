@@ -5,10 +5,10 @@
 #   tests/bench/transfer.sh [SIZE_MIB] [FETCHERS]     # defaults: 1024 MiB, 8 fetchers
 #
 # 1. reference: a plain TCP copy of the file over 127.0.0.1 (Python sockets, written to disk);
-# 2. one fetch of the blob by one member from the seeder (`blendnet store get --from`), verified;
-#    prints the throughput ratio mesh / TCP (aim: 0.7 or better on 2 cores);
-# 3. FETCHERS members fetch the blob at once; prints the seeder's upload factor (bytes the
-#    fetchers received from the seeder / blob size; aim: under 1.3).
+# 2. FETCHERS members fetch the blob at once; prints the seeder's upload factor (bytes the
+#    fetchers received from the seeder / blob size; aim: under 1.3);
+# 3. one more member fetches it from the seeder alone (`blendnet store get --from`), verified;
+#    prints the throughput ratio mesh / TCP (aim: 0.7 or better on 2 cores).
 # Uses the release binary (or $BLENDNET_BIN). Everything runs in a temporary directory on
 # loopback and is removed at the end.
 set -euo pipefail
@@ -32,7 +32,7 @@ pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
+    [[ -n "${BENCH_KEEP:-}" ]] && echo "kept $work" >&2 || rm -rf "$work"
 }
 trap cleanup EXIT
 
@@ -42,7 +42,7 @@ start_node() { # name [join-code]
     local dir="$work/$1"
     mkdir -p "$dir"
     if [[ -n "${2:-}" ]]; then "$bin" join --data-dir "$dir" "$2" >/dev/null; fi
-    RUST_LOG=warn "$bin" up --data-dir "$dir" --listen /ip4/127.0.0.1/tcp/0 --api 127.0.0.1:0 \
+    RUST_LOG="${RUST_LOG:-warn}" "$bin" up --data-dir "$dir" --listen /ip4/127.0.0.1/tcp/0 --api 127.0.0.1:0 \
         --no-mdns --no-render >"$dir.log" 2>&1 &
     pids+=("$!")
     for _ in $(seq 300); do
@@ -95,7 +95,7 @@ PY
 )"
 rm -f "$work/tcp.out"
 
-# 2. The mesh: a seeder and one fetcher.
+# The mesh: a seeder and FETCHERS + 1 members.
 "$bin" init --data-dir "$work/seeder" >/dev/null 2>&1
 start_node seeder
 seeder_id="$("$bin" status --data-dir "$work/seeder" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["peer_id"])')"
@@ -109,18 +109,15 @@ for _ in $(seq 300); do
     [[ "$(peer_count seeder)" -ge $((fetchers + 1)) ]] && break
     sleep 0.1
 done
-t2="$(now)"
-"$bin" store get --data-dir "$work/f0" "$hash" --out "$work/f0-out" --from "$seeder_id" --json >/dev/null 2>"$work/f0-get.err"
-t3="$(now)"
-cmp -s "$work/src/blob.bin" "$work/f0-out/blob.bin" || { echo "the fetched copy differs!" >&2; exit 1; }
-
-# 3. Many fetchers at once.
+# 2. Many fetchers at once (f0 stays out: it must still be empty for step 3).
 t4="$(now)"
 for i in $(seq 1 "$fetchers"); do
-    "$bin" store get --data-dir "$work/f$i" "$hash" --out "$work/f$i-out" --json >"$work/f$i.json" 2>/dev/null &
+    "$bin" store get --data-dir "$work/f$i" "$hash" --out "$work/f$i-out" --json >"$work/f$i.json" 2>"$work/f$i.err" &
     getpids+=("$!")
 done
-for p in "${getpids[@]}"; do wait "$p"; done
+for i in "${!getpids[@]}"; do
+    wait "${getpids[$i]}" || { echo "fetcher $((i + 1)) failed:" >&2; cat "$work/f$((i + 1)).err" >&2; exit 1; }
+done
 t5="$(now)"
 for i in $(seq 1 "$fetchers"); do
     cmp -s "$work/src/blob.bin" "$work/f$i-out/blob.bin" || { echo "fetcher $i's copy differs!" >&2; exit 1; }
@@ -131,6 +128,14 @@ seeder, work, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 print(sum(json.load(open(f"{work}/f{i}.json"))["received_from"].get(seeder, 0) for i in range(1, n + 1)))
 PY
 )"
+
+# 3. One fetch from the seeder alone, against the TCP copy.
+t2="$(now)"
+"$bin" store get --data-dir "$work/f0" "$hash" --out "$work/f0-out" --from "$seeder_id" --json \
+    >/dev/null 2>"$work/f0-get.err" || { echo "the fetch failed:" >&2; cat "$work/f0-get.err" >&2; exit 1; }
+t3="$(now)"
+cmp -s "$work/src/blob.bin" "$work/f0-out/blob.bin" || { echo "the fetched copy differs!" >&2; exit 1; }
+
 
 python3 - "$size_mib" "$tcp_s" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$from_seeder" "$fetchers" <<'PY'
 import sys

@@ -331,14 +331,13 @@ fn store(data_dir: &DataDir, command: StoreCommand) -> anyhow::Result<()> {
             };
             // The request blocks until the files are written; a second connection polls the
             // progress meanwhile and draws a progress line on stderr.
-            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (done, finished) = std::sync::mpsc::channel::<()>();
             let bar = {
-                let done = done.clone();
                 let poll = Client::connect(data_dir)?;
-                std::thread::spawn(move || progress_bar(&poll, &done))
+                std::thread::spawn(move || progress_bar(&poll, &finished))
             };
             let result = client.store_get(&request);
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            drop(done);
             let _ = bar.join();
             let view = result?;
             if json {
@@ -382,12 +381,14 @@ fn store(data_dir: &DataDir, command: StoreCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Draws `fetching 45%  120.0 MiB / 256.0 MiB  85.2 MiB/s  3 peers` on stderr until `done`.
-fn progress_bar(client: &Client, done: &std::sync::atomic::AtomicBool) {
+/// Draws `fetching 45%  120.0 MiB / 256.0 MiB  85.2 MiB/s  3 peers` on stderr until the
+/// sender of `finished` is dropped (which ends the wait at once).
+fn progress_bar(client: &Client, finished: &std::sync::mpsc::Receiver<()>) {
     let start = std::time::Instant::now();
     let mut drew = false;
-    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-        std::thread::sleep(std::time::Duration::from_millis(500));
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        finished.recv_timeout(std::time::Duration::from_millis(500))
+    {
         let Ok(list) = client.store_fetches() else {
             continue;
         };

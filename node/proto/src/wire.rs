@@ -129,10 +129,12 @@ pub const MAX_BLOB_RANGES: usize = 4096;
 pub enum BlobRequest {
     /// "What do you hold of this blob?"
     Has { hash: crate::BlobHash },
-    /// "Send me the verified encoding of these ranges."
+    /// "Send me the verified encoding of these ranges." With `insist`, the asker has no one
+    /// else to ask, so a seeder must not answer [`BlobResponse::Elsewhere`].
     Get {
         hash: crate::BlobHash,
         ranges: Vec<(u64, u64)>,
+        insist: bool,
     },
 }
 

@@ -39,8 +39,9 @@ pub const PIECE_BYTES: u64 = PIECE_GROUPS * crate::GROUP_BYTES;
 /// Most payload bytes one `Get` may ask for: a provider refuses more, so one request cannot
 /// make it buffer much.
 pub const MAX_GET_BYTES: u64 = 4 * PIECE_BYTES;
-/// Requests in flight per provider: two keep a link busy while one answer is being verified.
-pub const MAX_IN_FLIGHT_PER_PROVIDER: usize = 2;
+/// Requests in flight per provider: enough to keep a link busy while answers are encoded on
+/// one side and verified on the other.
+pub const MAX_IN_FLIGHT_PER_PROVIDER: usize = 4;
 /// How long one request may take before the provider counts as failing.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a fetch asks partial providers again what they hold (they are fetching too).
@@ -56,6 +57,10 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const SEED_WINDOW: Duration = Duration::from_secs(10);
 /// Most pieces a seeder remembers sending (memory bound; past it, the oldest are forgotten).
 pub const MAX_SEEDED: usize = 65_536;
+/// Attempts at one request whose stream fails before an answer (see `exchange`).
+pub const STREAM_ATTEMPTS: u32 = 4;
+/// Pause before the first retry of a failed stream; the n-th waits n times as long.
+pub const STREAM_RETRY_DELAY: Duration = Duration::from_millis(25);
 /// Failed requests (not bad data) after which a provider is dropped from one fetch.
 pub const MAX_FAILURES_PER_PROVIDER: u32 = 5;
 
@@ -199,9 +204,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let request: BlobRequest = read_frame(&mut stream, MAX_BLOB_REQUEST_BYTES).await?;
     let (header, body) = match request {
         BlobRequest::Has { hash } => (has_answer(&store, &hash).await?, Vec::new()),
-        BlobRequest::Get { hash, ranges } => {
+        BlobRequest::Get {
+            hash,
+            ranges,
+            insist,
+        } => {
             let complete = store.has(&hash).is_some_and(|i| i.complete);
-            if complete && seeding.elsewhere(hash, &ranges, peer) {
+            if complete && seeding.elsewhere(hash, &ranges, peer) && !insist {
                 (BlobResponse::Elsewhere, Vec::new())
             } else {
                 get_answer(&store, &hash, &ranges).await?
@@ -353,10 +362,48 @@ enum Outcome {
 
 /// Asks `peer` what it holds of `hash`.
 async fn ask_has<D: Dialer>(dialer: &D, peer: PeerId, hash: BlobHash) -> io::Result<BlobResponse> {
-    let mut stream = dialer.open(peer).await?;
-    write_frame(&mut stream, &BlobRequest::Has { hash }).await?;
-    stream.close().await?;
-    read_frame(&mut stream, MAX_BLOB_HEADER_BYTES).await
+    exchange(dialer, peer, &BlobRequest::Has { hash })
+        .await
+        .map(|(header, _)| header)
+}
+
+/// One request on a new stream: the answer's header and, for `Data`, its body.
+///
+/// A stream that fails before an answer arrives is tried again a few times: under load the
+/// provider's inbound queue for new streams is short (libp2p-stream drops what does not fit),
+/// so one failure says little about the provider.
+async fn exchange<D: Dialer>(
+    dialer: &D,
+    peer: PeerId,
+    request: &BlobRequest,
+) -> io::Result<(BlobResponse, Vec<u8>)> {
+    let mut attempt = 0;
+    loop {
+        let once = async {
+            let mut stream = dialer.open(peer).await?;
+            write_frame(&mut stream, request).await?;
+            stream.close().await?;
+            let header: BlobResponse = read_frame(&mut stream, MAX_BLOB_HEADER_BYTES).await?;
+            let mut body = Vec::new();
+            if let BlobResponse::Data { .. } = header {
+                // A piece's encoding is its payload plus parent hashes: far under twice its size.
+                (&mut stream)
+                    .take(2 * MAX_GET_BYTES + 64 * 1024)
+                    .read_to_end(&mut body)
+                    .await?;
+            }
+            Ok::<_, io::Error>((header, body))
+        };
+        match once.await {
+            Ok(answer) => return Ok(answer),
+            Err(e) if attempt + 1 < STREAM_ATTEMPTS => {
+                attempt += 1;
+                tracing::trace!(%peer, attempt, error = %e, "blob stream failed; trying again");
+                tokio::time::sleep(STREAM_RETRY_DELAY * attempt).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn pieces_of(ranges: &ChunkRanges, size: u64) -> BTreeSet<u64> {
@@ -371,6 +418,7 @@ fn piece_ranges(piece: u64, size: u64) -> ChunkRanges {
 }
 
 /// Fetches one piece from `peer` and writes it, verified, into the partial blob.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_piece<D: Dialer>(
     dialer: Arc<D>,
     partial: Arc<Partial>,
@@ -378,30 +426,15 @@ async fn fetch_piece<D: Dialer>(
     hash: BlobHash,
     size: u64,
     piece: u64,
+    insist: bool,
 ) -> Outcome {
     let ranges = piece_ranges(piece, size);
-    let request = async {
-        let mut stream = dialer.open(peer).await?;
-        write_frame(
-            &mut stream,
-            &BlobRequest::Get {
-                hash,
-                ranges: ranges_to_wire(&ranges, size),
-            },
-        )
-        .await?;
-        stream.close().await?;
-        let header: BlobResponse = read_frame(&mut stream, MAX_BLOB_HEADER_BYTES).await?;
-        let mut body = Vec::new();
-        if let BlobResponse::Data { .. } = header {
-            // A piece's encoding is its payload plus parent hashes: far under twice the piece.
-            (&mut stream)
-                .take(2 * PIECE_BYTES + 64 * 1024)
-                .read_to_end(&mut body)
-                .await?;
-        }
-        Ok::<_, io::Error>((header, body))
+    let get = BlobRequest::Get {
+        hash,
+        ranges: ranges_to_wire(&ranges, size),
+        insist,
     };
+    let request = exchange(&*dialer, peer, &get);
     let (header, body) = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
         Err(_) => return Outcome::Failed("timed out".into()),
         Ok(Err(e)) => return Outcome::Failed(e.to_string()),
@@ -554,7 +587,17 @@ pub async fn fetch<D: Dialer>(
                 let Some(piece) = picker.next(&peer) else {
                     break;
                 };
-                let fut = fetch_piece(dialer.clone(), partial.clone(), peer, hash, size, piece);
+                // With no peer that may come to hold pieces, a seeder must not send us elsewhere.
+                let insist = watching.is_empty();
+                let fut = fetch_piece(
+                    dialer.clone(),
+                    partial.clone(),
+                    peer,
+                    hash,
+                    size,
+                    piece,
+                    insist,
+                );
                 waiting.push(
                     Box::pin(async move { Waited::Piece(peer, piece, fut.await) })
                         as futures::future::BoxFuture<'static, Waited>,
@@ -593,13 +636,17 @@ pub async fn fetch<D: Dialer>(
                     let n = failures.entry(peer).or_default();
                     *n += 1;
                     if *n >= MAX_FAILURES_PER_PROVIDER {
+                        // Out of this fetch's rotation, but still asked what it holds: it may
+                        // only have been busy.
+                        *n = 0;
                         live.remove(&peer);
-                        watching.remove(&peer);
+                        watching.insert(peer);
                         picker.remove_provider(&peer);
                     }
                 }
                 Waited::Has(peer, answer) => {
                     asking.remove(&peer);
+                    let not_found = matches!(answer, Some(BlobResponse::NotFound));
                     if let Some(BlobResponse::Has { size: s, complete, ranges }) = answer
                         && s == size
                         && !report.dropped.contains(&peer)
@@ -613,6 +660,14 @@ pub async fn fetch<D: Dialer>(
                         };
                         picker.set_provider(peer, availability);
                         live.insert(peer);
+                        failures.remove(&peer);
+                    } else if !not_found {
+                        // No answer, or not one we can use: after a few, stop asking.
+                        let n = failures.entry(peer).or_default();
+                        *n += 1;
+                        if *n >= MAX_FAILURES_PER_PROVIDER {
+                            watching.remove(&peer);
+                        }
                     }
                 }
             },
@@ -757,7 +812,7 @@ mod tests {
     ) -> Result<Served, ServeError> {
         let request: BlobRequest = read_frame(&mut stream, MAX_BLOB_REQUEST_BYTES).await?;
         let (header, body) = match request {
-            BlobRequest::Get { hash, ranges } if p.gets.fetch_add(1, Ordering::SeqCst) < n => {
+            BlobRequest::Get { hash, ranges, .. } if p.gets.fetch_add(1, Ordering::SeqCst) < n => {
                 get_answer(&p.store, &hash, &ranges).await?
             }
             BlobRequest::Has { hash } if p.gets.load(Ordering::SeqCst) < n => {
@@ -781,7 +836,7 @@ mod tests {
         let request: BlobRequest = read_frame(&mut stream, MAX_BLOB_REQUEST_BYTES).await?;
         let (header, mut body) = match request {
             BlobRequest::Has { hash } => (has_answer(store, &hash).await?, Vec::new()),
-            BlobRequest::Get { hash, ranges } => get_answer(store, &hash, &ranges).await?,
+            BlobRequest::Get { hash, ranges, .. } => get_answer(store, &hash, &ranges).await?,
         };
         if body.len() > 100 {
             let at = body.len() - 100;
