@@ -7,8 +7,8 @@
 //! actor learns which peer misbehaved and can disconnect it. A bad response is an `InvalidData`
 //! error, which request-response does report, with the peer.
 
-use blendnet_proto::{decode, encode};
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use blendnet_proto::frame::{read_frame, write_frame};
+use futures::{AsyncRead, AsyncWrite};
 use libp2p::StreamProtocol;
 use serde::{Serialize, de::DeserializeOwned};
 use std::io;
@@ -46,45 +46,6 @@ impl<Req, Resp> Clone for Codec<Req, Resp> {
     }
 }
 
-async fn read_message<T, M>(io: &mut T, limit: usize) -> io::Result<M>
-where
-    T: AsyncRead + Unpin + Send,
-    M: DeserializeOwned,
-{
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("message of {len} bytes is over the {limit}-byte limit"),
-        ));
-    }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
-    decode(&buf, limit).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-async fn write_message<T>(io: &mut T, bytes: Vec<u8>, limit: usize) -> io::Result<()>
-where
-    T: AsyncWrite + Unpin + Send,
-{
-    if bytes.len() > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "message of {} bytes is over the {limit}-byte limit",
-                bytes.len()
-            ),
-        ));
-    }
-    let len =
-        u32::try_from(bytes.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(&bytes).await?;
-    io.flush().await
-}
-
 impl<Req, Resp> libp2p::request_response::Codec for Codec<Req, Resp>
 where
     Req: Serialize + DeserializeOwned + Send + 'static,
@@ -98,7 +59,7 @@ where
     where
         T: AsyncRead + Unpin + Send,
     {
-        match read_message(io, self.max_request).await {
+        match read_frame(io, self.max_request).await {
             Ok(req) => Ok(Checked::Valid(req)),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(Checked::Invalid(e.to_string())),
             Err(e) => Err(e),
@@ -109,7 +70,7 @@ where
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_message(io, self.max_response).await
+        read_frame(io, self.max_response).await
     }
 
     async fn write_request<T>(
@@ -128,7 +89,7 @@ where
             ));
         };
         // Our own requests get the same limit as theirs, so we never send what we would refuse.
-        write_message(io, encode(&req), self.max_request).await
+        write_frame(io, &req, self.max_request).await
     }
 
     async fn write_response<T>(
@@ -140,6 +101,6 @@ where
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_message(io, encode(&res), self.max_response).await
+        write_frame(io, &res, self.max_response).await
     }
 }

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod cert;
+pub mod frame;
 pub mod id;
 pub mod invite;
 pub mod wire;

@@ -68,17 +68,7 @@ impl Store {
         if let Some(b) = index.blobs.get(hash) {
             return Ok(all_chunks(b.size));
         }
-        let Some(p) = index.partials.get(hash) else {
-            return Err(ReadError::NotFound { hash: *hash });
-        };
-        let (size, slot) = (p.size, p.slot.clone());
-        drop(index);
-        let files = self
-            .load_partial(hash, size, &slot)
-            .map_err(|source| ReadError::Io {
-                path: self.partial_path(hash),
-                source,
-            })?;
+        let files = self.partial_files(hash, index)?;
         Ok(files.valid())
     }
 
@@ -239,18 +229,27 @@ impl Store {
                 }),
             };
         }
+        let files = self.partial_files(hash, index)?;
+        Ok(Source::Partial(files))
+    }
+
+    /// The files of the download in progress of `hash`; releases the index lock before
+    /// opening them.
+    fn partial_files(
+        &self,
+        hash: &BlobHash,
+        index: std::sync::MutexGuard<'_, crate::store::Index>,
+    ) -> Result<std::sync::Arc<crate::partial::PartialFiles>, ReadError> {
         let Some(p) = index.partials.get(hash) else {
             return Err(ReadError::NotFound { hash: *hash });
         };
         let (size, slot) = (p.size, p.slot.clone());
         drop(index);
-        let files = self
-            .load_partial(hash, size, &slot)
+        self.load_partial(hash, size, &slot)
             .map_err(|source| ReadError::Io {
                 path: self.partial_path(hash),
                 source,
-            })?;
-        Ok(Source::Partial(files))
+            })
     }
 
     fn on_corrupt(&self, hash: &BlobHash, source: &Source, bad: &ChunkRanges) {

@@ -17,10 +17,11 @@
 use crate::{Partial, ReadError, Store, WriteError};
 use bao_tree::{ChunkNum, ChunkRanges};
 use blendnet_core::picker::{Availability, Picker};
+use blendnet_proto::frame::{read_frame, write_frame};
 use blendnet_proto::wire::{
     BlobRequest, BlobResponse, MAX_BLOB_HEADER_BYTES, MAX_BLOB_RANGES, MAX_BLOB_REQUEST_BYTES,
 };
-use blendnet_proto::{BlobHash, PeerId, decode, encode};
+use blendnet_proto::{BlobHash, PeerId};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
@@ -112,35 +113,6 @@ pub fn ranges_from_wire(ranges: &[(u64, u64)]) -> Result<ChunkRanges, BadRanges>
     Ok(out)
 }
 
-async fn write_frame<W: AsyncWrite + Unpin, T: serde::Serialize>(
-    io: &mut W,
-    value: &T,
-) -> io::Result<()> {
-    let bytes = encode(value);
-    let len =
-        u32::try_from(bytes.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(&bytes).await
-}
-
-async fn read_frame<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
-    io: &mut R,
-    limit: usize,
-) -> io::Result<T> {
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes is over the {limit}-byte limit"),
-        ));
-    }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
-    decode(&buf, limit).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
 /// A blob and the ranges of one request.
 type SentKey = (BlobHash, Vec<(u64, u64)>);
 
@@ -217,7 +189,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    write_frame(&mut stream, &header).await?;
+    write_frame(&mut stream, &header, MAX_BLOB_HEADER_BYTES).await?;
     stream.write_all(&body).await?;
     stream.close().await?;
     if !body.is_empty() {
@@ -381,7 +353,7 @@ async fn exchange<D: Dialer>(
     loop {
         let once = async {
             let mut stream = dialer.open(peer).await?;
-            write_frame(&mut stream, request).await?;
+            write_frame(&mut stream, request, MAX_BLOB_REQUEST_BYTES).await?;
             stream.close().await?;
             let header: BlobResponse = read_frame(&mut stream, MAX_BLOB_HEADER_BYTES).await?;
             let mut body = Vec::new();
@@ -820,7 +792,7 @@ mod tests {
             }
             _ => (BlobResponse::Refused("gone".into()), Vec::new()),
         };
-        write_frame(&mut stream, &header).await?;
+        write_frame(&mut stream, &header, MAX_BLOB_HEADER_BYTES).await?;
         stream.write_all(&body).await?;
         stream.close().await?;
         Ok(Served {
@@ -842,7 +814,7 @@ mod tests {
             let at = body.len() - 100;
             body[at] ^= 0x01;
         }
-        write_frame(&mut stream, &header).await?;
+        write_frame(&mut stream, &header, MAX_BLOB_HEADER_BYTES).await?;
         stream.write_all(&body).await?;
         stream.close().await?;
         Ok(Served {
