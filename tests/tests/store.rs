@@ -57,6 +57,18 @@ fn mesh(n: usize) -> Result<Vec<Node>> {
     Ok(nodes)
 }
 
+/// Waits until `node` sees `peer` online.
+fn wait_until_sees(node: &Node, peer: &str) -> Result<()> {
+    eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
+        ensure!(
+            online_peers(&node.peers()?)?.contains(peer),
+            "{} does not see {peer} yet",
+            node.name()
+        );
+        Ok(())
+    })
+}
+
 fn store_get(node: &Node, hash: &str, out: &Path, extra: &[&str]) -> Result<Value> {
     let out_arg = out.display().to_string();
     let mut args = vec!["store", "get", hash, "--out", &out_arg, "--json"];
@@ -183,13 +195,7 @@ fn a_killed_fetch_resumes_with_only_the_missing_bytes() {
         let _ = get.wait();
         println!("killed the fetching daemon after {partway} of {size} bytes");
         b.start_again()?;
-        eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
-            ensure!(
-                online_peers(&b.peers()?)?.contains(&a_id),
-                "B does not see A yet"
-            );
-            Ok(())
-        })?;
+        wait_until_sees(b, &a_id)?;
         let view = store_get(b, &hash, &out, &[])?;
         let got = fs::read(out.join("big.bin"))?;
         ensure!(got == content, "the resumed file differs");
@@ -281,13 +287,7 @@ fn a_fetch_over_the_quota_fails_clearly() {
         b.cli_ok(&["join", &a.invite(&[])?])?;
         b.up(&[])?;
         let a_id = a.peer_id()?;
-        eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
-            ensure!(
-                online_peers(&b.peers()?)?.contains(&a_id),
-                "B does not see A yet"
-            );
-            Ok(())
-        })?;
+        wait_until_sees(&b, &a_id)?;
         let src = scratch(&a, "big")?;
         fs::write(src.join("big.bin"), bytes(8 * MIB, 5))?;
         let hash = a
