@@ -113,6 +113,8 @@ fn a_directory_travels_whole_with_its_layout() {
             ("textures/wood/oak.png", bytes(700_000, 2)),
             ("textures/empty.txt", Vec::new()),
             ("bake.sh", b"#!/bin/sh\necho baked\n".to_vec()),
+            // The same bytes under two names: one blob, fetched once, materialized twice.
+            ("textures/wood/oak-copy.png", bytes(700_000, 2)),
         ];
         for (path, content) in &files {
             fs::write(scene.join(path), content)?;

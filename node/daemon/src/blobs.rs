@@ -12,8 +12,9 @@ use blendnet_proto::BlobHash;
 use blendnet_store::Store;
 use blendnet_store::manifest::{Manifest, ManifestEntry};
 use blendnet_store::transfer::{self, Dialer, Progress};
+use futures::StreamExt;
 use futures::future::BoxFuture;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
@@ -23,6 +24,9 @@ pub const MAX_SERVING: usize = 32;
 /// Blob streams served at once to one peer: a fetcher keeps two in flight; a few more cover
 /// availability questions and a second fetch.
 pub const MAX_SERVING_PER_PEER: usize = 8;
+/// Blobs of one manifest fetched at once: enough to hide round trips for many small files,
+/// few enough that one large file still gets most of the bandwidth.
+pub const BLOBS_AT_ONCE: usize = 4;
 /// The pin that keeps what `store add` imported from `store gc`.
 pub const ADDED_PIN: &str = "store-add";
 
@@ -181,10 +185,16 @@ impl Blobs {
         view.absorb(&report);
         let store = self.store.clone();
         let manifest = blocking(move || store.read_manifest(&hash).map_err(bad)).await?;
-        for entry in &manifest.entries {
-            let report = self.fetch_one(&dialer, entry.hash, &candidates).await?;
-            view.absorb(&report);
+        // Each distinct blob once (two paths may hold the same bytes), a few at a time: a
+        // scene of many small files is limited by round trips, not bandwidth.
+        let distinct: BTreeSet<BlobHash> = manifest.entries.iter().map(|e| e.hash).collect();
+        let mut fetches = futures::stream::iter(distinct)
+            .map(|h| self.fetch_one(&dialer, h, &candidates))
+            .buffer_unordered(BLOBS_AT_ONCE);
+        while let Some(report) = fetches.next().await {
+            view.absorb(&report?);
         }
+        drop(fetches);
         view.files = manifest.entries.len();
         view.bytes = manifest.total_size();
         let store = self.store.clone();
