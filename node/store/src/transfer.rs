@@ -58,6 +58,8 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const SEED_WINDOW: Duration = Duration::from_secs(10);
 /// Most pieces a seeder remembers sending (memory bound; past it, the oldest are forgotten).
 pub const MAX_SEEDED: usize = 65_536;
+/// Bytes read from a blob stream at a time.
+const READ_CHUNK: usize = 64 * 1024;
 /// Attempts at one request whose stream fails before an answer (see `exchange`).
 pub const STREAM_ATTEMPTS: u32 = 4;
 /// Pause before the first retry of a failed stream; the n-th waits n times as long.
@@ -254,7 +256,9 @@ async fn get_answer(
         if !info.complete && !ranges.is_subset(&store.valid_ranges(&hash)?) {
             return Ok((BlobResponse::Refused("ranges not held".into()), Vec::new()));
         }
-        let mut body = Vec::new();
+        // Sized up front: growing a megabyte buffer by doubling copies it twice over.
+        let mut body =
+            Vec::with_capacity(encoded_len_hint(crate::ranges_bytes(&ranges, info.size)));
         match store.encode(&hash, &ranges, &mut body) {
             Ok(_) => Ok((BlobResponse::Data { size: info.size }, body)),
             // Our own copy is corrupt (the store has now forgotten it): say so, send nothing.
@@ -334,9 +338,40 @@ enum Outcome {
 
 /// Asks `peer` what it holds of `hash`.
 async fn ask_has<D: Dialer>(dialer: &D, peer: PeerId, hash: BlobHash) -> io::Result<BlobResponse> {
-    exchange(dialer, peer, &BlobRequest::Has { hash })
+    exchange(dialer, peer, &BlobRequest::Has { hash }, 0)
         .await
         .map(|(header, _)| header)
+}
+
+/// Room for the bao encoding of `payload` bytes: the payload plus one 64-byte hash pair per
+/// 16 KiB group, and a little slack.
+fn encoded_len_hint(payload: u64) -> usize {
+    let groups = payload.div_ceil(crate::GROUP_BYTES);
+    usize::try_from(payload + groups * 64 + 1024).unwrap_or(usize::MAX)
+}
+
+/// Reads an answer's body to the end into a buffer sized for it up front (no zero-filling, no
+/// regrowth), refusing more than twice the largest request's worth.
+async fn read_body<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    expected_payload: u64,
+) -> io::Result<Vec<u8>> {
+    let limit = usize::try_from(2 * MAX_GET_BYTES + 64 * 1024).unwrap_or(usize::MAX);
+    let mut body = Vec::with_capacity(encoded_len_hint(expected_payload).min(limit));
+    let mut chunk = vec![0u8; READ_CHUNK];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(body);
+        }
+        if body.len() + n > limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "answer larger than any request",
+            ));
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// One request on a new stream: the answer's header and, for `Data`, its body.
@@ -348,6 +383,7 @@ async fn exchange<D: Dialer>(
     dialer: &D,
     peer: PeerId,
     request: &BlobRequest,
+    expected_payload: u64,
 ) -> io::Result<(BlobResponse, Vec<u8>)> {
     let mut attempt = 0;
     loop {
@@ -356,14 +392,10 @@ async fn exchange<D: Dialer>(
             write_frame(&mut stream, request, MAX_BLOB_REQUEST_BYTES).await?;
             stream.close().await?;
             let header: BlobResponse = read_frame(&mut stream, MAX_BLOB_HEADER_BYTES).await?;
-            let mut body = Vec::new();
-            if let BlobResponse::Data { .. } = header {
-                // A piece's encoding is its payload plus parent hashes: far under twice its size.
-                (&mut stream)
-                    .take(2 * MAX_GET_BYTES + 64 * 1024)
-                    .read_to_end(&mut body)
-                    .await?;
-            }
+            let body = match header {
+                BlobResponse::Data { .. } => read_body(&mut stream, expected_payload).await?,
+                _ => Vec::new(),
+            };
             Ok::<_, io::Error>((header, body))
         };
         match once.await {
@@ -406,7 +438,7 @@ async fn fetch_piece<D: Dialer>(
         ranges: ranges_to_wire(&ranges, size),
         insist,
     };
-    let request = exchange(&*dialer, peer, &get);
+    let request = exchange(&*dialer, peer, &get, crate::ranges_bytes(&ranges, size));
     let (header, body) = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
         Err(_) => return Outcome::Failed("timed out".into()),
         Ok(Err(e)) => return Outcome::Failed(e.to_string()),
