@@ -152,27 +152,29 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 
 /// Runs the command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    // `join` validates its code before touching the data directory, so a garbled code
-    // changes nothing on disk.
-    if let Command::Join { code } = &cli.command {
-        let code = InviteCode::decode(code)?;
-        code.check_expiry(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        )?;
-        let data_dir = DataDir::resolve(cli.data_dir)?;
-        crate::node::join(&data_dir, &code)?;
-        println!(
-            "joining mesh {}: run `blendnet up` to redeem the invite",
-            code.mesh
-        );
-        return Ok(());
-    }
-    let data_dir = DataDir::resolve(cli.data_dir)?;
+    // Every command but `join` opens (and creates) the data directory first; `join` checks its
+    // code before, so a garbled code changes nothing on disk.
+    let data_dir = || DataDir::resolve(cli.data_dir.clone());
+    let data_dir = match &cli.command {
+        Command::Join { code } => {
+            let code = InviteCode::decode(code)?;
+            code.check_expiry(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            )?;
+            crate::node::join(&data_dir()?, &code)?;
+            println!(
+                "joining mesh {}: run `blendnet up` to redeem the invite",
+                code.mesh
+            );
+            return Ok(());
+        }
+        _ => data_dir()?,
+    };
     match cli.command {
-        Command::Join { .. } => unreachable!("handled above"),
+        Command::Join { .. } => {}
         Command::Init => {
             let mesh = crate::node::init(&data_dir)?;
             eprintln!("created mesh; start the node with `blendnet up`");
