@@ -147,6 +147,23 @@ fn a_directory_travels_whole_with_its_layout() {
                 .is_some_and(|l| l.iter().any(|e| e["hash"] == hash.as_str())),
             "B's store does not list the manifest: {list}"
         );
+        // B announced it on the `have` topic: A now knows B holds the scene too.
+        let b_id = b.peer_id()?;
+        eventually(Duration::from_secs(10), Duration::from_millis(250), || {
+            let list: Value = serde_json::from_str(&a.cli_ok(&["store", "ls", "--json"])?)?;
+            let entry = list
+                .as_array()
+                .and_then(|l| l.iter().find(|e| e["hash"] == hash.as_str()))
+                .cloned()
+                .context("A does not list the manifest")?;
+            ensure!(
+                entry["holders"]
+                    .as_array()
+                    .is_some_and(|h| h.iter().any(|p| p == b_id.as_str())),
+                "A does not know yet that B holds it: {entry}"
+            );
+            Ok(())
+        })?;
         Ok(())
     });
 }

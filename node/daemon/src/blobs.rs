@@ -4,11 +4,14 @@
 //! ```text
 //!  BlobStreams::incoming ──(peer, stream)──▶ serve task (bounded per peer and in all) ──▶ Store
 //!  API store/get ──▶ Blobs::get ──▶ transfer::fetch (several providers) ──▶ Store ──▶ materialize
+//!  imports, fetches ──HaveEntry──▶ announcer (batched every HAVE_INTERVAL) ──gossip `have`──▶
+//!  peers' holders maps ──▶ NetDialer::hinted: who to ask first, and often
 //! ```
 
 use crate::api::{ApiError, StoreAddView, StoreGcView, StoreGetView};
-use blendnet_net::{BlobStream, BlobStreams, PeerId};
-use blendnet_proto::BlobHash;
+use blendnet_net::{BlobStream, BlobStreams, Net, PeerId};
+use blendnet_proto::wire::{Have, HaveEntry, MAX_GOSSIP_BYTES, MAX_HAVE_ENTRIES};
+use blendnet_proto::{BlobHash, Topic};
 use blendnet_store::Store;
 use blendnet_store::manifest::{Manifest, ManifestEntry};
 use blendnet_store::transfer::{self, Dialer, Progress};
@@ -27,17 +30,49 @@ pub const MAX_SERVING_PER_PEER: usize = 8;
 /// Blobs of one manifest fetched at once: enough to hide round trips for many small files,
 /// few enough that one large file still gets most of the bandwidth.
 pub const BLOBS_AT_ONCE: usize = 4;
+/// How often what this node newly holds is announced on the `have` topic: often enough that
+/// fellow fetchers find each other within a second, rarely enough to batch a burst of imports.
+pub const HAVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Announcements waiting for the announcer; past this a burst's extra entries are dropped
+/// (announcements are hints: fetchers still ask members directly).
+pub const HAVE_QUEUE: usize = 4096;
+/// Blobs whose announced holders are remembered; past this the map starts over (memory bound).
+pub const MAX_KNOWN_BLOBS: usize = 100_000;
 /// The pin that keeps what `store add` imported from `store gc`.
 pub const ADDED_PIN: &str = "store-add";
 
-/// Opens blob streams through the network layer.
-struct NetDialer(BlobStreams);
+/// Who announced holding (or fetching) which blob. Never held across an await.
+type Holders = Arc<Mutex<HashMap<BlobHash, BTreeSet<PeerId>>>>;
+
+/// Opens blob streams through the network layer; hints from `have` announcements.
+struct NetDialer {
+    streams: BlobStreams,
+    holders: Holders,
+}
 
 impl Dialer for NetDialer {
     type Stream = BlobStream;
     fn open(&self, peer: PeerId) -> BoxFuture<'static, std::io::Result<BlobStream>> {
-        let streams = self.0.clone();
+        let streams = self.streams.clone();
         Box::pin(async move { streams.open(peer).await })
+    }
+
+    fn hinted(&self, hash: &BlobHash) -> Vec<PeerId> {
+        let members = self.streams.members();
+        self.holders
+            .lock()
+            .map(|h| {
+                h.get(hash)
+                    .map(|peers| {
+                        peers
+                            .iter()
+                            .filter(|p| members.contains(p))
+                            .copied()
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -50,6 +85,8 @@ pub struct Blobs {
     /// Progress of running fetches by blob, for `store get` progress bars. Never held across
     /// an await.
     progress: Arc<Mutex<BTreeMap<BlobHash, Progress>>>,
+    holders: Holders,
+    announce: tokio::sync::mpsc::Sender<HaveEntry>,
 }
 
 impl std::fmt::Debug for Blobs {
@@ -75,13 +112,70 @@ async fn blocking<T: Send + 'static>(
 impl Blobs {
     /// `seed` spreads the first pieces of fetchers that start together: derive it from the
     /// node's id.
-    pub fn new(store: Store, streams: BlobStreams, seed: u64) -> Blobs {
+    /// Also starts the announcer, which first announces every complete blob held.
+    pub fn new(store: Store, streams: BlobStreams, net: Net, seed: u64) -> Blobs {
+        let (announce, queue) = tokio::sync::mpsc::channel(HAVE_QUEUE);
+        let held: Vec<HaveEntry> = store
+            .list()
+            .into_iter()
+            .filter(|b| b.complete)
+            .map(|b| HaveEntry {
+                hash: b.hash,
+                size: b.size,
+                complete: true,
+            })
+            .collect();
+        tokio::spawn(announcer(net, queue, held));
         Blobs {
             store,
             streams,
             seed,
             progress: Arc::default(),
+            holders: Arc::default(),
+            announce,
         }
+    }
+
+    fn dialer(&self) -> Arc<NetDialer> {
+        Arc::new(NetDialer {
+            streams: self.streams.clone(),
+            holders: self.holders.clone(),
+        })
+    }
+
+    /// Queues an announcement; a full queue drops it (announcements are hints).
+    fn announce(&self, hash: BlobHash, size: u64, complete: bool) {
+        let _ = self.announce.try_send(HaveEntry {
+            hash,
+            size,
+            complete,
+        });
+    }
+
+    /// Records a `have` announcement from `source` (already checked by the network layer to be
+    /// a member). A malformed one is logged and ignored.
+    pub fn on_have(&self, source: PeerId, data: &[u8]) {
+        let have: Have = match blendnet_proto::decode(data, MAX_GOSSIP_BYTES) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(%source, error = %e, "malformed have announcement");
+                return;
+            }
+        };
+        let Ok(mut holders) = self.holders.lock() else {
+            return;
+        };
+        if holders.len() >= MAX_KNOWN_BLOBS {
+            holders.clear();
+        }
+        for entry in have.blobs.iter().take(MAX_HAVE_ENTRIES) {
+            holders.entry(entry.hash).or_default().insert(source);
+        }
+    }
+
+    /// Members announced to hold or fetch `hash`.
+    pub fn holders(&self, hash: &BlobHash) -> Vec<PeerId> {
+        self.dialer().hinted(hash)
     }
 
     /// Serves inbound blob streams until the network stops.
@@ -124,7 +218,7 @@ impl Blobs {
             return Err(bad("name at least one file or directory"));
         }
         let store = self.store.clone();
-        blocking(move || {
+        let added = blocking(move || {
             let mut entries: Vec<ManifestEntry> = Vec::new();
             let single_dir = paths.len() == 1 && paths[0].is_dir();
             for path in &paths {
@@ -158,13 +252,21 @@ impl Blobs {
             for h in manifest.entries.iter().map(|e| e.hash).chain([hash]) {
                 store.pin(&h, ADDED_PIN).map_err(internal)?;
             }
-            Ok(StoreAddView {
-                hash: hash.to_string(),
-                files: manifest.entries.len(),
-                bytes: manifest.total_size(),
-            })
+            Ok((manifest, hash))
         })
-        .await
+        .await?;
+        let (manifest, hash) = added;
+        for e in &manifest.entries {
+            self.announce(e.hash, e.size, true);
+        }
+        if let Some(info) = self.store.has(&hash) {
+            self.announce(hash, info.size, true);
+        }
+        Ok(StoreAddView {
+            hash: hash.to_string(),
+            files: manifest.entries.len(),
+            bytes: manifest.total_size(),
+        })
     }
 
     /// Fetches a manifest and every blob it names, from `from` or from every member, then
@@ -179,7 +281,7 @@ impl Blobs {
             Some(peer) => vec![peer],
             None => self.streams.members().iter().copied().collect(),
         };
-        let dialer = Arc::new(NetDialer(self.streams.clone()));
+        let dialer = self.dialer();
         let mut view = StoreGetView::default();
         let report = self.fetch_one(&dialer, hash, &candidates).await?;
         view.absorb(&report);
@@ -213,6 +315,7 @@ impl Blobs {
         candidates: &[PeerId],
     ) -> Result<transfer::FetchReport, ApiError> {
         let progress = self.progress.clone();
+        let mut announced = false;
         let result = transfer::fetch(
             &self.store,
             dialer.clone(),
@@ -220,12 +323,20 @@ impl Blobs {
             candidates,
             self.seed,
             |p| {
+                if !announced {
+                    // Fellow fetchers can take pieces from us from now on.
+                    announced = true;
+                    self.announce(hash, p.size, false);
+                }
                 if let Ok(mut map) = progress.lock() {
                     map.insert(hash, p);
                 }
             },
         )
         .await;
+        if let Ok(report) = &result {
+            self.announce(hash, report.size, true);
+        }
         if let Ok(mut map) = self.progress.lock() {
             map.remove(&hash);
         }
@@ -247,25 +358,28 @@ impl Blobs {
             .unwrap_or_default()
     }
 
-    /// Every blob held, complete or not.
+    /// Every blob held, complete or not, with the members announced to hold it too.
     pub async fn list(&self) -> Result<serde_json::Value, ApiError> {
         let store = self.store.clone();
-        blocking(move || {
-            let list: Vec<serde_json::Value> = store
-                .list()
-                .into_iter()
-                .map(|b| {
-                    serde_json::json!({
-                        "hash": b.hash.to_string(),
-                        "size": b.size,
-                        "complete": b.complete,
-                        "pinned": b.pinned,
-                    })
+        let blobs = blocking(move || Ok(store.list())).await?;
+        let list: Vec<serde_json::Value> = blobs
+            .into_iter()
+            .map(|b| {
+                let holders: Vec<String> = self
+                    .holders(&b.hash)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                serde_json::json!({
+                    "hash": b.hash.to_string(),
+                    "size": b.size,
+                    "complete": b.complete,
+                    "pinned": b.pinned,
+                    "holders": holders,
                 })
-                .collect();
-            Ok(serde_json::Value::Array(list))
-        })
-        .await
+            })
+            .collect();
+        Ok(serde_json::Value::Array(list))
     }
 
     /// Deletes unpinned blobs and abandoned downloads.
@@ -277,6 +391,39 @@ impl Blobs {
             })
         })
         .await
+    }
+}
+
+/// Publishes what this node holds on the `have` topic, batched every [`HAVE_INTERVAL`], until
+/// the queue's senders are gone. Announcements that find no subscribed peer are dropped.
+async fn announcer(
+    net: Net,
+    mut queue: tokio::sync::mpsc::Receiver<HaveEntry>,
+    held: Vec<HaveEntry>,
+) {
+    let mut pending: BTreeMap<BlobHash, HaveEntry> =
+        held.into_iter().map(|e| (e.hash, e)).collect();
+    let mut tick = tokio::time::interval(HAVE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            entry = queue.recv() => match entry {
+                Some(e) => { pending.insert(e.hash, e); }
+                None => return,
+            },
+            _ = tick.tick(), if !pending.is_empty() => {
+                let batch: Vec<HaveEntry> = pending.values().take(MAX_HAVE_ENTRIES).copied().collect();
+                for e in &batch {
+                    pending.remove(&e.hash);
+                }
+                let data = blendnet_proto::encode(&Have { blobs: batch });
+                match net.publish(Topic::Have, data).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "have announcement not sent"),
+                    Err(_) => return,
+                }
+            }
+        }
     }
 }
 

@@ -296,9 +296,6 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         },
         stopped(stop_rx.clone()),
     )?;
-    // No layer above the mesh consumes job, task or blob gossip yet: dropping the receiver
-    // makes those deliveries fail fast instead of filling a queue.
-    drop(deliveries);
 
     // Full capabilities take a second or two (Blender's version): detect them off the loop.
     {
@@ -333,7 +330,20 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
             .try_into()
             .unwrap_or_default(),
     );
-    let blobs = Blobs::new(store, streams, seed);
+    let blobs = Blobs::new(store, streams, net.clone(), seed);
+    // Gossip for the layers above the mesh: `have` feeds the blob store's hints; jobs, tasks
+    // (later issues) have no consumer yet and are dropped here.
+    {
+        let blobs = blobs.clone();
+        let mut deliveries = deliveries;
+        tokio::spawn(async move {
+            while let Some(d) = deliveries.recv().await {
+                if d.topic == blendnet_proto::Topic::Have {
+                    blobs.on_have(d.source, &d.data);
+                }
+            }
+        });
+    }
     let _blob_server = blobs.spawn_server().context("serving blobs")?;
 
     let listener = tokio::net::TcpListener::bind(config.api)

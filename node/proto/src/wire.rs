@@ -157,3 +157,22 @@ pub enum BlobResponse {
     /// the fetchers, and ask again later if none comes to hold them.
     Elsewhere,
 }
+
+/// Most entries in one [`Have`] announcement: about 50 bytes each, far under the gossip limit.
+pub const MAX_HAVE_ENTRIES: usize = 512;
+
+/// What a peer holds or is fetching, gossiped on the `have` topic (batched, throttled). A hint:
+/// fetchers use it to find providers and fellow fetchers sooner than by asking every member.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Have {
+    pub blobs: Vec<HaveEntry>,
+}
+
+/// One blob in a [`Have`] announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaveEntry {
+    pub hash: crate::BlobHash,
+    pub size: u64,
+    /// Whole (`true`) or being fetched (`false`).
+    pub complete: bool,
+}

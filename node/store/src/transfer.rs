@@ -67,12 +67,19 @@ pub const STREAM_RETRY_DELAY: Duration = Duration::from_millis(25);
 /// Failed requests (not bad data) after which a provider is dropped from one fetch.
 pub const MAX_FAILURES_PER_PROVIDER: u32 = 5;
 
-/// Opens blob streams to peers: the network layer implements it.
+/// The network side of a fetch: opens blob streams to peers, and says who announced holding
+/// (or fetching) a blob. The network layer implements it.
 pub trait Dialer: Send + Sync + 'static {
     /// The stream type.
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// Opens a stream to `peer`.
     fn open(&self, peer: PeerId) -> BoxFuture<'static, io::Result<Self::Stream>>;
+    /// Peers that announced holding or fetching `hash` (the `have` gossip): asked first and
+    /// often. None by default.
+    fn hinted(&self, hash: &BlobHash) -> Vec<PeerId> {
+        let _ = hash;
+        Vec::new()
+    }
 }
 
 /// Converts chunk ranges to the wire form, bounded to a blob of `size` bytes.
@@ -516,6 +523,12 @@ pub async fn fetch<D: Dialer>(
         }
     };
     // Who holds what, to learn the size and the first providers.
+    let mut candidates: Vec<PeerId> = candidates.to_vec();
+    for peer in dialer.hinted(&hash) {
+        if !candidates.contains(&peer) {
+            candidates.push(peer);
+        }
+    }
     let answers = futures::future::join_all(candidates.iter().map(|p| ask(*p))).await;
     let mut first: BTreeMap<PeerId, (u64, bool, ChunkRanges)> = BTreeMap::new();
     for answer in answers {
@@ -561,7 +574,7 @@ pub async fn fetch<D: Dialer>(
     // Peers that may come to hold pieces: asked again while the fetch runs.
     let mut watching: BTreeSet<PeerId> = BTreeSet::new();
     let mut live: BTreeSet<PeerId> = BTreeSet::new();
-    for peer in candidates {
+    for peer in &candidates {
         match first.get(peer) {
             Some((s, true, _)) if *s == size => {
                 picker.set_provider(*peer, Availability::All);
@@ -676,13 +689,21 @@ pub async fn fetch<D: Dialer>(
                 }
             },
             _ = refresh.tick() => {
-                // Peers known to be fetching are asked every tick; the others (which held
-                // nothing when last asked) only every IDLE_PEER_REFRESH_TICKS ticks.
+                // Peers known to be fetching (they answered, or announced it) are asked every
+                // tick; the others only every IDLE_PEER_REFRESH_TICKS ticks.
                 ticks += 1;
+                let hinted: BTreeSet<PeerId> = dialer
+                    .hinted(&hash)
+                    .into_iter()
+                    .filter(|p| !report.dropped.contains(p))
+                    .collect();
+                watching.extend(hinted.iter().filter(|p| !live.contains(p)));
                 let due: Vec<PeerId> = watching
                     .iter()
                     .filter(|p| !asking.contains(p))
-                    .filter(|p| live.contains(p) || ticks.is_multiple_of(IDLE_PEER_REFRESH_TICKS))
+                    .filter(|p| {
+                        live.contains(p) || hinted.contains(p) || ticks.is_multiple_of(IDLE_PEER_REFRESH_TICKS)
+                    })
                     .copied()
                     .collect();
                 for peer in due {
@@ -1022,6 +1043,49 @@ mod tests {
         println!("seeder upload factor {factor:.2}, fetchers served {from_fetchers} bytes");
         assert!(from_fetchers > 0, "the fetchers must serve each other");
         assert!(factor <= 1.5, "the seeder uploaded {factor:.2}× the blob");
+    }
+
+    /// Answers `hinted` with a fixed list, like a node that saw `have` announcements.
+    struct Hinting(MemDialer, Vec<PeerId>);
+
+    impl Dialer for Hinting {
+        type Stream = Compat<tokio::io::DuplexStream>;
+        fn open(&self, peer: PeerId) -> BoxFuture<'static, io::Result<Self::Stream>> {
+            self.0.open(peer)
+        }
+        fn hinted(&self, _: &BlobHash) -> Vec<PeerId> {
+            self.1.clone()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_provider_known_only_from_announcements_is_used() {
+        let bytes = data(2 * PIECE_BYTES as usize, 8);
+        let (seed, hash) = seeded(&bytes);
+        let dialer = MemDialer::default();
+        let p = PeerId::random();
+        dialer.add(p, seed.store.clone(), Behaviour::Honest);
+        let me = TestStore::new(None);
+        // No candidates at all: without the hint there is nobody to ask.
+        let err = fetch(&me.store, Arc::new(dialer.clone()), hash, &[], 1, |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::NotFound(_)), "{err}");
+        let report = fetch(
+            &me.store,
+            Arc::new(Hinting(dialer, vec![p])),
+            hash,
+            &[],
+            1,
+            |_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(read_blob(&me.store, &hash), bytes);
+        assert_eq!(
+            report.bytes_from.keys().copied().collect::<Vec<_>>(),
+            vec![p]
+        );
     }
 
     #[test]
