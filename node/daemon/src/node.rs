@@ -266,16 +266,6 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let caps = Capabilities {
-        daemon_version: env!("CARGO_PKG_VERSION").to_string(),
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        ram_bytes: 0,
-        free_disk_bytes: 0,
-        gpus: Vec::new(),
-        blender: None,
-    };
     let Spawned {
         net,
         mut events,
@@ -292,7 +282,12 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
             membership,
             invites,
             known_addrs,
-            capabilities: wire_capabilities(&caps, config.render),
+            // What is known at once; the rest follows when detection (below) is done.
+            capabilities: blendnet_proto::wire::Capabilities {
+                daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+                render: config.render,
+                ..Default::default()
+            },
         },
         stopped(stop_rx.clone()),
     )?;
