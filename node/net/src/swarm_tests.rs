@@ -66,6 +66,21 @@ fn start(
     }
 }
 
+/// Starts a member of `roster`'s mesh (holding the mesh key if `mesh_key` is given).
+fn member(
+    keypair: identity::Keypair,
+    roster: Roster,
+    mesh_key: Option<MeshKey>,
+    bootstrap: Vec<Multiaddr>,
+) -> TestNode {
+    start(
+        keypair,
+        Membership::Member { roster, mesh_key },
+        Invites::default(),
+        bootstrap,
+    )
+}
+
 /// A mesh whose key holder is the first node and whose members hold `roles[i]`.
 fn mesh(roles: &[Roles]) -> (MeshKey, Vec<identity::Keypair>, Roster) {
     let key = MeshKey::generate();
@@ -129,26 +144,9 @@ async fn a_member_without_the_role_cannot_publish_that_message_type() {
     let submit = Roles::from(Role::Submit) | Roles::from(Role::Render);
     let render = Roles::from(Role::Render);
     let (key, kps, roster) = mesh(&[Roles::default_member(), render, submit]);
-    let a = start(
-        kps[0].clone(),
-        Membership::Member {
-            roster: roster.clone(),
-            mesh_key: Some(key),
-        },
-        Invites::default(),
-        vec![],
-    );
-    let member = |i: usize, a: &TestNode| {
-        start(
-            kps[i].clone(),
-            Membership::Member {
-                roster: roster.clone(),
-                mesh_key: None,
-            },
-            Invites::default(),
-            vec![a.addr.clone()],
-        )
-    };
+    let a = member(kps[0].clone(), roster.clone(), Some(key), vec![]);
+    let member =
+        |i: usize, a: &TestNode| member(kps[i].clone(), roster.clone(), None, vec![a.addr.clone()]);
     let b = member(1, &a);
     let mut c = member(2, &a);
     let mut a = a;
@@ -222,15 +220,7 @@ async fn gossip_from_a_non_member_is_dropped() {
             ))
             .unwrap();
     }
-    let xn = start(
-        x_kp,
-        Membership::Member {
-            roster: roster2,
-            mesh_key: Some(key2),
-        },
-        Invites::default(),
-        vec![a.addr.clone()],
-    );
+    let xn = member(x_kp, roster2, Some(key2), vec![a.addr.clone()]);
     eventually("X connected to A", || async {
         online(&xn.net, a.peer).await.then_some(())
     })
@@ -262,33 +252,9 @@ async fn undecodable_gossip_gets_the_member_disconnected_and_the_node_keeps_runn
         Roles::default_member(),
         Roles::default_member(),
     ]);
-    let a = start(
-        kps[0].clone(),
-        Membership::Member {
-            roster: roster.clone(),
-            mesh_key: Some(key),
-        },
-        Invites::default(),
-        vec![],
-    );
-    let b = start(
-        kps[1].clone(),
-        Membership::Member {
-            roster: roster.clone(),
-            mesh_key: None,
-        },
-        Invites::default(),
-        vec![a.addr.clone()],
-    );
-    let c = start(
-        kps[2].clone(),
-        Membership::Member {
-            roster,
-            mesh_key: None,
-        },
-        Invites::default(),
-        vec![a.addr.clone()],
-    );
+    let a = member(kps[0].clone(), roster.clone(), Some(key), vec![]);
+    let b = member(kps[1].clone(), roster.clone(), None, vec![a.addr.clone()]);
+    let c = member(kps[2].clone(), roster, None, vec![a.addr.clone()]);
     eventually("all connected", || async {
         (online(&a.net, b.peer).await && online(&a.net, c.peer).await).then_some(())
     })
@@ -423,24 +389,8 @@ async fn oversized_or_undecodable_requests_get_the_peer_disconnected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invite_is_redeemed_once_and_the_new_member_meets_the_others() {
     let (key, kps, roster) = mesh(&[Roles::default_member(), Roles::default_member()]);
-    let a = start(
-        kps[0].clone(),
-        Membership::Member {
-            roster: roster.clone(),
-            mesh_key: Some(key),
-        },
-        Invites::default(),
-        vec![],
-    );
-    let b = start(
-        kps[1].clone(),
-        Membership::Member {
-            roster,
-            mesh_key: None,
-        },
-        Invites::default(),
-        vec![a.addr.clone()],
-    );
+    let a = member(kps[0].clone(), roster.clone(), Some(key), vec![]);
+    let b = member(kps[1].clone(), roster, None, vec![a.addr.clone()]);
     eventually("A and B connected", || async {
         online(&a.net, b.peer).await.then_some(())
     })
@@ -491,33 +441,9 @@ async fn a_revoked_member_is_disconnected_everywhere() {
         Roles::default_member(),
         Roles::default_member(),
     ]);
-    let a = start(
-        kps[0].clone(),
-        Membership::Member {
-            roster: roster.clone(),
-            mesh_key: Some(key),
-        },
-        Invites::default(),
-        vec![],
-    );
-    let b = start(
-        kps[1].clone(),
-        Membership::Member {
-            roster: roster.clone(),
-            mesh_key: None,
-        },
-        Invites::default(),
-        vec![a.addr.clone()],
-    );
-    let c = start(
-        kps[2].clone(),
-        Membership::Member {
-            roster,
-            mesh_key: None,
-        },
-        Invites::default(),
-        vec![a.addr.clone()],
-    );
+    let a = member(kps[0].clone(), roster.clone(), Some(key), vec![]);
+    let b = member(kps[1].clone(), roster.clone(), None, vec![a.addr.clone()]);
+    let c = member(kps[2].clone(), roster, None, vec![a.addr.clone()]);
     eventually("B and C connected", || async {
         online(&b.net, c.peer).await.then_some(())
     })
@@ -539,24 +465,8 @@ async fn a_revoked_member_is_disconnected_everywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_lan_machine_is_admitted_by_fingerprint() {
     let (key, kps, roster) = mesh(&[Roles::default_member(), Roles::default_member()]);
-    let a = start(
-        kps[0].clone(),
-        Membership::Member {
-            roster: roster.clone(),
-            mesh_key: Some(key),
-        },
-        Invites::default(),
-        vec![],
-    );
-    let b = start(
-        kps[1].clone(),
-        Membership::Member {
-            roster,
-            mesh_key: None,
-        },
-        Invites::default(),
-        vec![a.addr.clone()],
-    );
+    let a = member(kps[0].clone(), roster.clone(), Some(key), vec![]);
+    let b = member(kps[1].clone(), roster, None, vec![a.addr.clone()]);
     let p = start(
         identity::Keypair::generate_ed25519(),
         Membership::Pending,
@@ -604,15 +514,7 @@ async fn a_pending_lan_machine_is_admitted_by_fingerprint() {
     assert!(a.net.pending().await.unwrap().is_empty());
     // Once a member, another mesh's owner cannot take it over: its gate refuses strangers.
     let (key2, kps2, roster2) = mesh(&[Roles::default_member()]);
-    let x = start(
-        kps2[0].clone(),
-        Membership::Member {
-            roster: roster2,
-            mesh_key: Some(key2),
-        },
-        Invites::default(),
-        vec![],
-    );
+    let x = member(kps2[0].clone(), roster2, Some(key2), vec![]);
     x.net
         .tx
         .send(crate::NetMessage::Discovered(vec![(
