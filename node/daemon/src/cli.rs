@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 /// BlendNet: render Blender scenes on every machine you own or rent, as one private mesh.
 #[derive(Debug, Parser)]
-#[command(name = "blendnet", version, about)]
+#[command(name = "blendnet", version)]
 pub struct Cli {
     /// The node's data directory (keys, state, logs, config).
     #[arg(long, global = true, env = "BLENDNET_DATA_DIR", value_name = "DIR")]
@@ -55,13 +55,16 @@ pub enum Command {
     },
     /// List the mesh's members (or, with --pending, machines waiting on the LAN).
     Peers {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// List machines waiting on the LAN to be admitted instead.
         #[arg(long)]
         pending: bool,
     },
     /// Show this node's status.
     Status {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -74,22 +77,27 @@ pub enum Command {
 pub enum StoreCommand {
     /// Import files and directories as one manifest; prints its hash.
     Add {
+        /// Files and directories; one directory alone keeps its own layout.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
     /// Fetch a manifest and its files from the mesh, verified, into a directory.
     Get {
+        /// The manifest hash printed by `store add`.
         hash: String,
+        /// Where to write the files (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Fetch only from this peer.
         #[arg(long, value_name = "PEER")]
         from: Option<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List the blobs held.
     Ls {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
