@@ -429,7 +429,6 @@ fn piece_ranges(piece: u64, size: u64) -> ChunkRanges {
 }
 
 /// Fetches one piece from `peer` and writes it, verified, into the partial blob.
-#[allow(clippy::too_many_arguments)]
 async fn fetch_piece<D: Dialer>(
     dialer: Arc<D>,
     partial: Arc<Partial>,
