@@ -57,6 +57,17 @@ fn mesh(n: usize) -> Result<Vec<Node>> {
     Ok(nodes)
 }
 
+/// Writes `content` as `big.bin` beside `node`'s data dir and `store add`s it; returns the
+/// manifest hash.
+fn add_big(node: &Node, content: &[u8]) -> Result<String> {
+    let path = scratch(node, "big")?.join("big.bin");
+    fs::write(&path, content)?;
+    Ok(node
+        .cli_ok(&["store", "add", &path.display().to_string()])?
+        .trim()
+        .to_string())
+}
+
 /// Waits until `node` sees `peer` online.
 fn wait_until_sees(node: &Node, peer: &str) -> Result<()> {
     eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
@@ -175,12 +186,7 @@ fn a_killed_fetch_resumes_with_only_the_missing_bytes() {
         let mut nodes = mesh(1)?;
         let size = 96 * MIB;
         let content = bytes(size, 3);
-        let src = scratch(&nodes[0], "big")?;
-        fs::write(src.join("big.bin"), &content)?;
-        let hash = nodes[0]
-            .cli_ok(&["store", "add", &src.join("big.bin").display().to_string()])?
-            .trim()
-            .to_string();
+        let hash = add_big(&nodes[0], &content)?;
         let a_id = nodes[0].peer_id()?;
         let (seeder, rest) = nodes.split_at_mut(1);
         let b = &mut rest[0];
@@ -248,12 +254,7 @@ fn four_fetchers_share_the_load_of_one_seeder() {
         let nodes = mesh(4)?;
         let size = 256 * MIB;
         let content = bytes(size, 4);
-        let src = scratch(&nodes[0], "big")?;
-        fs::write(src.join("big.bin"), &content)?;
-        let hash = nodes[0]
-            .cli_ok(&["store", "add", &src.join("big.bin").display().to_string()])?
-            .trim()
-            .to_string();
+        let hash = add_big(&nodes[0], &content)?;
         let seeder = nodes[0].peer_id()?;
         let start = Instant::now();
         let views = std::thread::scope(|s| {
@@ -307,12 +308,7 @@ fn a_fetch_over_the_quota_fails_clearly() {
         b.up(&[])?;
         let a_id = a.peer_id()?;
         wait_until_sees(&b, &a_id)?;
-        let src = scratch(&a, "big")?;
-        fs::write(src.join("big.bin"), bytes(8 * MIB, 5))?;
-        let hash = a
-            .cli_ok(&["store", "add", &src.join("big.bin").display().to_string()])?
-            .trim()
-            .to_string();
+        let hash = add_big(&a, &bytes(8 * MIB, 5))?;
         let out = scratch(&b, "out")?;
         let err = b.cli_err(&["store", "get", &hash, "--out", &out.display().to_string()])?;
         ensure!(
