@@ -58,22 +58,27 @@ impl Dialer for NetDialer {
     }
 
     fn hinted(&self, hash: &BlobHash) -> Vec<PeerId> {
-        let members = self.streams.members();
-        self.holders
-            .lock()
-            .map(|h| {
-                h.get(hash)
-                    .map(|peers| {
-                        peers
-                            .iter()
-                            .filter(|p| members.contains(p))
-                            .copied()
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            })
-            .unwrap_or_default()
+        member_holders(&self.holders, &self.streams, hash)
     }
+}
+
+/// Members (in good standing now) announced to hold or fetch `hash`.
+fn member_holders(holders: &Holders, streams: &BlobStreams, hash: &BlobHash) -> Vec<PeerId> {
+    let members = streams.members();
+    holders
+        .lock()
+        .map(|h| {
+            h.get(hash)
+                .map(|peers| {
+                    peers
+                        .iter()
+                        .filter(|p| members.contains(p))
+                        .copied()
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
 }
 
 /// The store and the streams, shared by the API and the serve loop.
@@ -175,7 +180,7 @@ impl Blobs {
 
     /// Members announced to hold or fetch `hash`.
     pub fn holders(&self, hash: &BlobHash) -> Vec<PeerId> {
-        self.dialer().hinted(hash)
+        member_holders(&self.holders, &self.streams, hash)
     }
 
     /// Serves inbound blob streams until the network stops.

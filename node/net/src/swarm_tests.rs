@@ -66,6 +66,19 @@ fn start(
     }
 }
 
+/// Tells `node` what mDNS would report of `pending` on a LAN (the memory transport has no
+/// multicast).
+async fn announce_on_lan(node: &TestNode, pending: &TestNode) {
+    node.net
+        .tx
+        .send(crate::NetMessage::Discovered(vec![(
+            pending.peer,
+            pending.addr.clone(),
+        )]))
+        .await
+        .expect("actor runs");
+}
+
 /// Starts a member of `roster`'s mesh (holding the mesh key if `mesh_key` is given).
 fn member(
     keypair: identity::Keypair,
@@ -479,14 +492,7 @@ async fn a_pending_lan_machine_is_admitted_by_fingerprint() {
     .await;
     // What mDNS would report on a LAN.
     for node in [&a, &b] {
-        node.net
-            .tx
-            .send(crate::NetMessage::Discovered(vec![(
-                p.peer,
-                p.addr.clone(),
-            )]))
-            .await
-            .unwrap();
+        announce_on_lan(node, &p).await;
     }
     let pending = a.net.pending().await.unwrap();
     assert_eq!(pending.len(), 1);
@@ -515,14 +521,7 @@ async fn a_pending_lan_machine_is_admitted_by_fingerprint() {
     // Once a member, another mesh's owner cannot take it over: its gate refuses strangers.
     let (key2, kps2, roster2) = mesh(&[Roles::default_member()]);
     let x = member(kps2[0].clone(), roster2, Some(key2), vec![]);
-    x.net
-        .tx
-        .send(crate::NetMessage::Discovered(vec![(
-            p.peer,
-            p.addr.clone(),
-        )]))
-        .await
-        .unwrap();
+    announce_on_lan(&x, &p).await;
     assert!(x.net.admit(fingerprint).await.unwrap().is_err());
     assert_eq!(
         p.net.status().await.unwrap().mesh_id,
