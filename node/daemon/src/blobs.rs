@@ -2,16 +2,16 @@
 //! out `blendnet store add | get | ls | gc`.
 //!
 //! ```text
-//!  BlobStreams::incoming ──(peer, stream)──▶ serve task (bounded per peer and in all) ──▶ Store
+//!  Streams::incoming ──(peer, stream)──▶ serve task (bounded per peer and in all) ──▶ Store
 //!  API store/get ──▶ Blobs::get ──▶ transfer::fetch (several providers) ──▶ Store ──▶ materialize
 //!  imports, fetches ──HaveEntry──▶ announcer (batched every HAVE_INTERVAL) ──gossip `have`──▶
 //!  peers' holders maps ──▶ NetDialer::hinted: who to ask first, and often
 //! ```
 
 use crate::api::{ApiError, StoreAddView, StoreGcView, StoreGetView};
-use blendnet_net::{BlobStream, BlobStreams, Net, PeerId};
+use blendnet_net::{Net, PeerId, Stream, Streams};
 use blendnet_proto::wire::{Have, HaveEntry, MAX_GOSSIP_BYTES, MAX_HAVE_ENTRIES};
-use blendnet_proto::{BlobHash, Topic};
+use blendnet_proto::{BLOB_PROTOCOL, BlobHash, Topic};
 use blendnet_store::Store;
 use blendnet_store::manifest::{Manifest, ManifestEntry};
 use blendnet_store::transfer::{self, Dialer, Progress};
@@ -46,15 +46,15 @@ type Holders = Arc<Mutex<HashMap<BlobHash, BTreeSet<PeerId>>>>;
 
 /// Opens blob streams through the network layer; hints from `have` announcements.
 struct NetDialer {
-    streams: BlobStreams,
+    streams: Streams,
     holders: Holders,
 }
 
 impl Dialer for NetDialer {
-    type Stream = BlobStream;
-    fn open(&self, peer: PeerId) -> BoxFuture<'static, std::io::Result<BlobStream>> {
+    type Stream = Stream;
+    fn open(&self, peer: PeerId) -> BoxFuture<'static, std::io::Result<Stream>> {
         let streams = self.streams.clone();
-        Box::pin(async move { streams.open(peer).await })
+        Box::pin(async move { streams.open(peer, BLOB_PROTOCOL).await })
     }
 
     fn hinted(&self, hash: &BlobHash) -> Vec<PeerId> {
@@ -63,7 +63,7 @@ impl Dialer for NetDialer {
 }
 
 /// Members (in good standing now) announced to hold or fetch `hash`.
-fn member_holders(holders: &Holders, streams: &BlobStreams, hash: &BlobHash) -> Vec<PeerId> {
+fn member_holders(holders: &Holders, streams: &Streams, hash: &BlobHash) -> Vec<PeerId> {
     let members = streams.members();
     holders
         .lock()
@@ -85,7 +85,7 @@ fn member_holders(holders: &Holders, streams: &BlobStreams, hash: &BlobHash) -> 
 #[derive(Clone)]
 pub struct Blobs {
     store: Store,
-    streams: BlobStreams,
+    streams: Streams,
     seed: u64,
     /// Progress of running fetches by blob, for `store get` progress bars. Never held across
     /// an await.
@@ -118,7 +118,7 @@ impl Blobs {
     /// `seed` spreads the first pieces of fetchers that start together: derive it from the
     /// node's id.
     /// Also starts the announcer, which first announces every complete blob held.
-    pub fn new(store: Store, streams: BlobStreams, net: Net, seed: u64) -> Blobs {
+    pub fn new(store: Store, streams: Streams, net: Net, seed: u64) -> Blobs {
         let (announce, queue) = tokio::sync::mpsc::channel(HAVE_QUEUE);
         let held: Vec<HaveEntry> = store
             .list()
@@ -186,8 +186,8 @@ impl Blobs {
     /// Serves inbound blob streams until the network stops.
     pub fn spawn_server(
         &self,
-    ) -> Result<tokio::task::JoinHandle<()>, blendnet_net::blobs::AlreadyAccepting> {
-        let mut incoming = self.streams.incoming()?;
+    ) -> Result<tokio::task::JoinHandle<()>, blendnet_net::AlreadyAccepting> {
+        let mut incoming = self.streams.incoming(BLOB_PROTOCOL)?;
         let store = self.store.clone();
         let seeding = Arc::new(transfer::Seeding::default());
         Ok(tokio::spawn(async move {

@@ -270,7 +270,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         net,
         mut events,
         deliveries,
-        blobs: streams,
+        streams,
         task: net_task,
     } = blendnet_net::spawn(
         blendnet_net::Config {

@@ -18,16 +18,16 @@
 
 mod actor;
 pub mod behaviour;
-pub mod blobs;
 pub mod codec;
 pub mod gate;
+pub mod streams;
 #[cfg(test)]
 mod swarm_tests;
 
 pub use actor::NetActor;
-pub use blobs::{BlobStream, BlobStreams, Incoming};
 pub use libp2p::pnet::PreSharedKey;
 pub use libp2p::{Multiaddr, PeerId, identity};
+pub use streams::{AlreadyAccepting, Incoming, Stream, Streams};
 
 use blendnet_core::{Invites, Roster};
 use blendnet_proto::wire::{Capabilities, Refusal};
@@ -157,8 +157,8 @@ pub struct Delivery {
 #[derive(Debug)]
 pub struct Spawned {
     pub net: Net,
-    /// Streams of the blob protocol, opened and accepted outside the swarm loop.
-    pub blobs: BlobStreams,
+    /// Streams of the blob and board protocols, opened and accepted outside the swarm loop.
+    pub streams: Streams,
     pub events: mpsc::UnboundedReceiver<Event>,
     pub deliveries: mpsc::Receiver<Delivery>,
     pub task: tokio::task::JoinHandle<()>,
@@ -385,11 +385,11 @@ pub fn spawn(
     let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
     let (members_tx, members) = tokio::sync::watch::channel(Default::default());
     let actor = NetActor::new(config, rx, events_tx, deliveries_tx, members_tx)?;
-    let blobs = BlobStreams::new(actor.stream_control(), members);
+    let streams = Streams::new(actor.stream_control(), members);
     let task = tokio::spawn(actor.run(shutdown));
     Ok(Spawned {
         net: Net { tx },
-        blobs,
+        streams,
         events,
         deliveries,
         task,

@@ -1,11 +1,14 @@
-//! Streams of the blob protocol (`/blendnet/blob/1`), for the store's transfer code.
+//! Streams of our stream protocols: blobs (`/blendnet/blob/1`, for the store's transfer code)
+//! and the job board's work requests and anti-entropy.
 //!
-//! Bulk bytes never pass through the swarm loop: a [`BlobStreams`] handle opens outbound
+//! Those bytes never pass through the swarm loop: a [`Streams`] handle opens outbound
 //! streams and accepts inbound ones in the caller's own tasks. Only members in good standing
 //! get a stream: inbound streams from anyone else (a peer on probation while an invite is open)
 //! are dropped here, and we never open one to a non-member.
+//!
+//! libp2p-stream keeps one pending inbound stream per protocol and drops the rest, so an
+//! acceptor must hand streams off at once, and an opener must retry a stream that fails.
 
-use blendnet_proto::BLOB_PROTOCOL;
 use futures::StreamExt;
 use libp2p::{PeerId, StreamProtocol};
 use std::collections::HashSet;
@@ -13,24 +16,25 @@ use std::io;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// One blob stream: `futures::AsyncRead + AsyncWrite`.
-pub type BlobStream = libp2p::Stream;
+/// One stream: `futures::AsyncRead + AsyncWrite`.
+pub type Stream = libp2p::Stream;
 
-/// Opens and accepts blob streams.
+/// Opens and accepts streams of our protocols.
 #[derive(Clone)]
-pub struct BlobStreams {
+pub struct Streams {
     control: libp2p_stream::Control,
     members: watch::Receiver<Arc<HashSet<PeerId>>>,
 }
 
-impl std::fmt::Debug for BlobStreams {
+impl std::fmt::Debug for Streams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobStreams").finish_non_exhaustive()
+        f.debug_struct("Streams").finish_non_exhaustive()
     }
 }
 
-/// Inbound blob streams from members.
+/// Inbound streams of one protocol from members.
 pub struct Incoming {
+    protocol: &'static str,
     streams: libp2p_stream::IncomingStreams,
     members: watch::Receiver<Arc<HashSet<PeerId>>>,
 }
@@ -41,17 +45,17 @@ impl std::fmt::Debug for Incoming {
     }
 }
 
-/// Inbound streams are already being accepted by another handle.
+/// Inbound streams of this protocol are already being accepted by another handle.
 #[derive(Debug, thiserror::Error)]
-#[error("blob streams are already being accepted")]
-pub struct AlreadyAccepting;
+#[error("{0} streams are already being accepted")]
+pub struct AlreadyAccepting(pub &'static str);
 
-impl BlobStreams {
+impl Streams {
     pub(crate) fn new(
         control: libp2p_stream::Control,
         members: watch::Receiver<Arc<HashSet<PeerId>>>,
     ) -> Self {
-        BlobStreams { control, members }
+        Streams { control, members }
     }
 
     /// The members (other than this node) in good standing now.
@@ -59,8 +63,8 @@ impl BlobStreams {
         self.members.borrow().clone()
     }
 
-    /// Opens a blob stream to a member. Cancel-safe.
-    pub async fn open(&self, peer: PeerId) -> io::Result<BlobStream> {
+    /// Opens a stream of `protocol` to a member. Cancel-safe.
+    pub async fn open(&self, peer: PeerId, protocol: &'static str) -> io::Result<Stream> {
         if !self.members.borrow().contains(&peer) {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -69,18 +73,20 @@ impl BlobStreams {
         }
         let mut control = self.control.clone();
         control
-            .open_stream(peer, StreamProtocol::new(BLOB_PROTOCOL))
+            .open_stream(peer, StreamProtocol::new(protocol))
             .await
             .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))
     }
 
-    /// Starts accepting inbound blob streams; only one [`Incoming`] may exist at a time.
-    pub fn incoming(&self) -> Result<Incoming, AlreadyAccepting> {
+    /// Starts accepting inbound streams of `protocol`; only one [`Incoming`] per protocol may
+    /// exist at a time.
+    pub fn incoming(&self, protocol: &'static str) -> Result<Incoming, AlreadyAccepting> {
         let mut control = self.control.clone();
         let streams = control
-            .accept(StreamProtocol::new(BLOB_PROTOCOL))
-            .map_err(|_| AlreadyAccepting)?;
+            .accept(StreamProtocol::new(protocol))
+            .map_err(|_| AlreadyAccepting(protocol))?;
         Ok(Incoming {
+            protocol,
             streams,
             members: self.members.clone(),
         })
@@ -89,13 +95,13 @@ impl BlobStreams {
 
 impl Incoming {
     /// The next stream from a member; `None` when the network has stopped. Cancel-safe.
-    pub async fn next(&mut self) -> Option<(PeerId, BlobStream)> {
+    pub async fn next(&mut self) -> Option<(PeerId, Stream)> {
         loop {
             let (peer, stream) = self.streams.next().await?;
             if self.members.borrow().contains(&peer) {
                 return Some((peer, stream));
             }
-            tracing::debug!(%peer, "blob stream from a non-member dropped");
+            tracing::debug!(%peer, protocol = self.protocol, "stream from a non-member dropped");
         }
     }
 }
