@@ -1,0 +1,25 @@
+//! Blender supervision: one persistent Blender process per job, driven by JSON lines.
+//!
+//! ```text
+//!  Worker::start ── blender -b -Y scene.blend -P worker.py ──▶ Blender (scene loaded once)
+//!      │   stdin:  {"render": {...}}\n            one task at a time
+//!      ◀── stdout: @blendnet {"ready"|"started"|"done"|"error": {...}}\n
+//!               (every other stdout/stderr line is Blender's own log, kept for errors)
+//! ```
+//!
+//! The script run inside Blender ([`WORKER_PY`]) is embedded in the binary and written next to
+//! the job's workspace when a worker starts. It keeps the scene loaded between tasks
+//! (`render.use_persistent_data`), so a task costs its render time, not Blender's start-up.
+//! Autoexec is off (`-Y`): a `.blend` from a peer never runs its own scripts here.
+//!
+//! See [`protocol`] for the messages and [`Worker`] for the process's life: start, render,
+//! cancel (kill), crash and hang detection.
+
+pub mod protocol;
+pub mod worker;
+
+pub use protocol::{ErrorKind, Ready, RenderTask, SliceMode};
+pub use worker::{Done, RenderError, StartError, Worker};
+
+/// The Python script Blender runs for a worker (`-P`).
+pub const WORKER_PY: &str = include_str!("worker.py");
