@@ -72,6 +72,7 @@ pub struct Ready {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
+    SceneUnreadable,
     NoCamera,
     MissingFiles,
     EngineUnsupported,

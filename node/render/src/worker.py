@@ -143,6 +143,10 @@ def render(task):
 
 
 def main():
+    if not bpy.data.filepath:
+        # Some Blenders go on with the startup scene when a file fails to load: never render that.
+        fail(None, "scene_unreadable", "Blender did not load the scene file")
+        return
     remember(bpy.context.scene)
     ready()
     for line in sys.stdin:

@@ -68,6 +68,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// Blender could not read the file (corrupt, truncated, not a `.blend`, or from a newer
+    /// Blender).
+    #[error("Blender cannot read {scene}: {reason}")]
+    Unreadable { scene: PathBuf, reason: String },
     #[error("Blender exited ({status}) before loading {scene}; its last lines:\n{log}")]
     Exited {
         scene: PathBuf,
@@ -179,6 +183,12 @@ impl Worker {
                 });
             }
             Ok(Some(Ok(Reply::Ready(ready)))) => ready,
+            Ok(Some(Ok(Reply::Error { message, .. }))) => {
+                return Err(StartError::Unreadable {
+                    scene: scene.to_owned(),
+                    reason: message,
+                });
+            }
             Ok(Some(Ok(other))) => {
                 return Err(StartError::Protocol(format!(
                     "expected ready, got {other:?}"
@@ -187,6 +197,19 @@ impl Worker {
             Ok(Some(Err(bad))) => return Err(StartError::Protocol(bad)),
             Ok(None) => {
                 let status = exit_status(&mut child).await;
+                // Blender names a file it cannot read on one line, then quits.
+                let reason = {
+                    let log = shared.log.lock().unwrap_or_else(PoisonError::into_inner);
+                    log.iter()
+                        .find(|l| l.starts_with("Error:") && l.contains(".blend"))
+                        .cloned()
+                };
+                if let Some(reason) = reason {
+                    return Err(StartError::Unreadable {
+                        scene: scene.to_owned(),
+                        reason,
+                    });
+                }
                 return Err(StartError::Exited {
                     scene: scene.to_owned(),
                     status,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use blendnet_render::{ErrorKind, RenderError, RenderTask, SliceMode, Worker};
+use blendnet_render::{ErrorKind, RenderError, RenderTask, SliceMode, StartError, Worker};
 
 fn blender() -> PathBuf {
     let path = std::env::var_os("BLENDNET_BLENDER")
@@ -135,6 +135,143 @@ async fn one_blender_renders_slices_one_after_another() {
         "different slices render different samples"
     );
     worker.quit().await;
+}
+
+/// Every channel of an EXR, by full name (`ViewLayer.Combined.R`), as f32.
+fn channels(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let image = exr::prelude::read_all_flat_layers_from_file(path).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for layer in &image.layer_data {
+        let prefix = layer
+            .attributes
+            .layer_name
+            .as_ref()
+            .map(|n| format!("{n}."))
+            .unwrap_or_default();
+        for channel in &layer.channel_data.list {
+            let values = channel.sample_data.values_as_f32().collect();
+            out.insert(format!("{prefix}{}", channel.name), values);
+        }
+    }
+    out
+}
+
+/// Merges EXRs with Blender's own `_cycles.merge`, the reference for slice merging.
+fn cycles_merge(inputs: &[&Path], output: &Path) {
+    let inputs: Vec<&str> = inputs.iter().map(|p| p.to_str().unwrap()).collect();
+    let expr = format!(
+        "import _cycles; _cycles.merge(input={inputs:?}, output={:?})",
+        output.to_str().unwrap()
+    );
+    let out = Command::new(blender())
+        .args([
+            "-b",
+            "--factory-startup",
+            "--python-exit-code",
+            "1",
+            "--python-expr",
+        ])
+        .arg(expr)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && output.exists(),
+        "_cycles.merge failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn two_slices_merged_by_cycles_equal_one_render_of_all_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    // Passes beyond Combined, so more than one kind of channel is compared.
+    let scene = scene(
+        dir.path(),
+        "passes",
+        "scene.cycles.samples = 16\n\
+         layer = scene.view_layers[0]\n\
+         layer.use_pass_z = True\n\
+         layer.use_pass_normal = True\n\
+         layer.use_pass_diffuse_color = True",
+    );
+    let mut worker = Worker::start(&blender(), &scene, dir.path()).await.unwrap();
+    let whole = worker
+        .render(&slice(1, dir.path(), 0, 16), |_| {})
+        .await
+        .unwrap();
+    let a = worker
+        .render(&slice(2, dir.path(), 0, 8), |_| {})
+        .await
+        .unwrap();
+    let b = worker
+        .render(&slice(3, dir.path(), 8, 8), |_| {})
+        .await
+        .unwrap();
+    worker.quit().await;
+
+    let merged = dir.path().join("merged.exr");
+    cycles_merge(&[&a.outputs[0], &b.outputs[0]], &merged);
+    let (merged, whole) = (channels(&merged), channels(&whole.outputs[0]));
+    assert_eq!(
+        merged.keys().collect::<Vec<_>>(),
+        whole.keys().collect::<Vec<_>>(),
+        "same channels"
+    );
+    for name in [
+        "ViewLayer.Combined.R",
+        "ViewLayer.Depth.Z",
+        "ViewLayer.Normal.X",
+    ] {
+        assert!(
+            whole.contains_key(name),
+            "{name} missing: {:?}",
+            whole.keys()
+        );
+    }
+    let mut worst = (0f32, String::new());
+    for (name, values) in &whole {
+        for (x, y) in values.iter().zip(&merged[name]) {
+            let d = (x - y).abs();
+            if d > worst.0 {
+                worst = (d, name.clone());
+            }
+        }
+    }
+    assert!(
+        worst.0 < 1e-5,
+        "largest difference {} in {}",
+        worst.0,
+        worst.1
+    );
+    // And the slices really are different samples: one alone is farther from the whole.
+    let alone = channels(&a.outputs[0]);
+    let far = whole["ViewLayer.Combined.R"]
+        .iter()
+        .zip(&alone["ViewLayer.Combined.R"])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(far > 1e-3, "8 samples alone differ from 16 by only {far}");
+}
+
+#[tokio::test]
+async fn a_corrupt_blend_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = scene(dir.path(), "good", "");
+    let mut bytes = std::fs::read(&good).unwrap();
+    bytes.truncate(bytes.len() / 3);
+    let cut = dir.path().join("cut.blend");
+    std::fs::write(&cut, bytes).unwrap();
+    let not_blend = dir.path().join("notes.blend");
+    std::fs::write(&not_blend, "not a blend file at all").unwrap();
+    for path in [cut, not_blend] {
+        match Worker::start(&blender(), &path, dir.path()).await {
+            Err(err @ StartError::Unreadable { .. }) => {
+                let text = err.to_string();
+                assert!(text.contains(path.to_str().unwrap()), "{text}");
+            }
+            other => panic!("expected unreadable for {}, got {other:?}", path.display()),
+        }
+    }
 }
 
 #[tokio::test]
