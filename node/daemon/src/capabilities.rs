@@ -80,6 +80,8 @@ pub struct BlenderInfo {
     pub path: String,
     /// Its version, like `"4.2.1"`.
     pub version: String,
+    /// What its Cycles can render with; empty when Blender would not say (see the log).
+    pub devices: blendnet_render::Devices,
 }
 
 impl BlenderInfo {
@@ -182,10 +184,28 @@ pub fn find_blender(
 ) -> Result<BlenderInfo, BlenderError> {
     let path = locate_blender(explicit, env, path_var)?;
     let version = blender_version(&path, BLENDER_VERSION_TIMEOUT)?;
+    let devices = blender_devices(&path).unwrap_or_else(|problem| {
+        tracing::warn!(path = %path.display(), %problem, "Blender did not list its devices");
+        blendnet_render::Devices::default()
+    });
     Ok(BlenderInfo {
         path: path.display().to_string(),
         version,
+        devices,
     })
+}
+
+/// Asks Blender which devices its Cycles can use (about a second: Blender starts headless).
+fn blender_devices(path: &Path) -> Result<blendnet_render::Devices, String> {
+    let args = blendnet_render::devices::probe_args();
+    match probe(path, &args, BLENDER_VERSION_TIMEOUT) {
+        Ok((status, output)) if status.success() => blendnet_render::devices::parse(&output),
+        Ok((status, _)) => Err(format!("the device probe failed ({status})")),
+        Err(ProbeError::Spawn(e)) => Err(e.to_string()),
+        Err(ProbeError::Timeout) => Err(format!(
+            "the device probe did not finish within {BLENDER_VERSION_TIMEOUT:?}"
+        )),
+    }
 }
 
 /// Where Blender is, without running it.
@@ -425,6 +445,7 @@ mod tests {
         let info = BlenderInfo {
             path: "b".into(),
             version: "4.2.1".into(),
+            devices: Default::default(),
         };
         assert_eq!(info.major_minor(), Some((4, 2)));
     }

@@ -264,8 +264,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     ""
                 };
+                // Device kinds as Cycles names them: CPU, CUDA, OPTIX, …
+                let mut devices: Vec<&str> = p
+                    .pointer("/capabilities/devices")
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.iter().filter_map(|d| d.get("kind")?.as_str()).collect())
+                    .unwrap_or_default();
+                devices.dedup();
+                let devices = if devices.is_empty() {
+                    "-".to_string()
+                } else {
+                    devices.join(",")
+                };
                 println!(
-                    "{}  {:7}  {}  blender {}  roles {}{me}",
+                    "{}  {:7}  {}  blender {}  devices {devices}  roles {}{me}",
                     s("fingerprint"),
                     if online { "online" } else { "offline" },
                     s("peer_id"),

@@ -179,6 +179,12 @@ fn wire_capabilities(caps: &Capabilities, render: bool) -> blendnet_proto::wire:
         free_disk_bytes: caps.free_disk_bytes,
         gpus: caps.gpus.clone(),
         blender: caps.blender.as_ref().map(|b| b.version.clone()),
+        devices: caps
+            .blender
+            .as_ref()
+            .map(|b| b.devices.devices.clone())
+            .unwrap_or_default(),
+        denoiser: caps.blender.as_ref().is_some_and(|b| b.devices.denoiser),
         render,
     }
 }

@@ -17,6 +17,15 @@ pub const MAX_ADDRESS_ENTRIES: usize = 1024;
 /// Most addresses kept or sent per peer: a machine has a handful of interfaces and transports.
 pub const MAX_ADDRS_PER_PEER: usize = 16;
 
+/// A device Cycles can render with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeDevice {
+    /// `CPU`, `CUDA`, `OPTIX`, `HIP`, `METAL` or `ONEAPI`, as Cycles names them.
+    pub kind: String,
+    /// As the driver names it (`NVIDIA H100 80GB HBM3`).
+    pub name: String,
+}
+
 /// What a peer can do, as it advertises it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Capabilities {
@@ -28,6 +37,10 @@ pub struct Capabilities {
     pub gpus: Vec<String>,
     /// Blender's version (`3.4.1`) if the peer found one.
     pub blender: Option<String>,
+    /// The devices that Blender's Cycles can render with (the CPU first).
+    pub devices: Vec<ComputeDevice>,
+    /// Blender has OpenImageDenoise, so this peer can denoise a merged frame.
+    pub denoiser: bool,
     /// Whether the peer takes render tasks (`--no-render` turns it off).
     pub render: bool,
 }

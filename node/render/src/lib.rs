@@ -15,9 +15,11 @@
 //! See [`protocol`] for the messages and [`Worker`] for the process's life: start, render,
 //! cancel (kill), crash and hang detection.
 
+pub mod devices;
 pub mod protocol;
 pub mod worker;
 
+pub use devices::{Device, Devices};
 pub use protocol::{ErrorKind, Ready, RenderTask, SliceMode};
 pub use worker::{Done, RenderError, StartError, Worker};
 

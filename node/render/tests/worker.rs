@@ -396,3 +396,62 @@ async fn a_silent_blender_counts_as_hung_and_is_killed() {
         "a hung Blender is killed"
     );
 }
+
+/// Runs the device probe the daemon runs at start-up.
+fn devices() -> blendnet_render::Devices {
+    let out = Command::new(blender())
+        .args(blendnet_render::devices::probe_args())
+        .output()
+        .unwrap();
+    blendnet_render::devices::parse(&String::from_utf8_lossy(&out.stdout)).unwrap()
+}
+
+#[test]
+fn blender_names_its_devices() {
+    let devices = devices();
+    assert_eq!(devices.devices[0].kind, "CPU", "{devices:?}");
+    assert!(
+        devices.sample_offset,
+        "Blender 3.2 and later have sample_offset"
+    );
+    // Debian's build has no OpenImageDenoise; an official build has.
+    let version = Command::new(blender()).arg("--version").output().unwrap();
+    if String::from_utf8_lossy(&version.stdout).contains("3.4.1") && !devices.denoiser {
+        eprintln!("this Blender cannot denoise (no OpenImageDenoise), as Debian's 3.4.1");
+    }
+}
+
+/// Where an NVIDIA GPU exists (`nvidia-smi` lists one), Blender must offer it to Cycles. CI
+/// has no GPU: the test says so and checks only that no GPU is invented.
+#[test]
+fn a_gpu_is_found_where_one_exists() {
+    let smi = Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader"])
+        .output();
+    let gpus: Vec<String> = match smi {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.trim().to_owned())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let devices = devices();
+    if gpus.is_empty() {
+        eprintln!("SKIPPED the GPU half: no NVIDIA GPU on this machine");
+        assert!(
+            !devices.has_gpu(),
+            "no GPU here, yet Blender lists {devices:?}"
+        );
+        return;
+    }
+    for gpu in &gpus {
+        assert!(
+            devices
+                .devices
+                .iter()
+                .any(|d| (d.kind == "CUDA" || d.kind == "OPTIX") && d.name.contains(gpu.as_str())),
+            "nvidia-smi lists {gpu}, Blender offers {devices:?}"
+        );
+    }
+}
