@@ -126,9 +126,35 @@ mod tests {
     }
 }
 
+/// Serde for 32-byte ids: 64 hex digits where people read them (JSON: the API), the raw bytes
+/// where only programs do (bincode: the wire and the disk).
+pub mod hex32 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&data_encoding::HEXLOWER.encode(bytes))
+        } else {
+            bytes.serialize(s)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        if !d.is_human_readable() {
+            return <[u8; 32]>::deserialize(d);
+        }
+        let text = String::deserialize(d)?;
+        data_encoding::HEXLOWER_PERMISSIVE
+            .decode(text.as_bytes())
+            .ok()
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+            .ok_or_else(|| serde::de::Error::custom(format!("not 64 hex digits: {text:?}")))
+    }
+}
+
 /// A blob's name: the BLAKE3 hash of its bytes (the bao root). Shown as 64 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct BlobHash(pub [u8; 32]);
+pub struct BlobHash(#[serde(with = "hex32")] pub [u8; 32]);
 
 impl BlobHash {
     /// The hash of `bytes`.
@@ -181,5 +207,22 @@ mod blob_hash_tests {
         assert_eq!(h.to_string().parse::<BlobHash>().unwrap(), h);
         assert_eq!(h.to_string().to_uppercase().parse::<BlobHash>().unwrap(), h);
         assert!("abc".parse::<BlobHash>().is_err());
+    }
+}
+
+#[cfg(test)]
+mod hex32_tests {
+    use super::BlobHash;
+
+    #[test]
+    fn hashes_are_hex_in_json_and_bytes_on_the_wire() {
+        let hash = BlobHash::of(b"x");
+        let json = serde_json::to_string(&hash).unwrap();
+        assert_eq!(json, format!("\"{hash}\""));
+        assert_eq!(serde_json::from_str::<BlobHash>(&json).unwrap(), hash);
+        assert!(serde_json::from_str::<BlobHash>("\"abc\"").is_err());
+        let wire = crate::encode(&hash);
+        assert_eq!(wire.len(), 32);
+        assert_eq!(crate::decode::<BlobHash>(&wire, 32).unwrap(), hash);
     }
 }

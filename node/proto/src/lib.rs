@@ -9,17 +9,25 @@
 //!  mesh key (ed25519) ──signs──▶ Certificate{mesh, peer, roles, not_after, serial}
 //!                    └─signs──▶ Revocation{mesh, peer, serial}
 //!  roster = certificates ∪ revocations (a CRDT, see blendnet-core)
+//!
+//!  node key ──signs──▶ SignedEvent{author, EventBody} on blendnet/v1/jobs and /tasks (see job)
 //! ```
 
+pub mod board;
 pub mod cert;
 pub mod frame;
 pub mod id;
 pub mod invite;
+pub mod job;
 pub mod wire;
 
 pub use cert::{Certificate, MeshKey, Revocation, Role, Roles, RosterSnapshot};
 pub use id::{BlobHash, Fingerprint, MeshId};
 pub use invite::{InviteCode, InviteError, Token};
+pub use job::{
+    Engine, EventBody, EventId, JobId, JobSpec, Lease, SignedEvent, Split, TaskSpec, TaskStats,
+    VerifiedEvent, WorkRequest, WorkResponse,
+};
 pub use libp2p_identity::PeerId;
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -30,6 +38,9 @@ pub const JOIN_PROTOCOL: &str = "/blendnet/join/1";
 pub const SYNC_PROTOCOL: &str = "/blendnet/sync/1";
 /// Stream protocol for blobs: "what do you hold of this blob?" and "send me these ranges".
 pub const BLOB_PROTOCOL: &str = "/blendnet/blob/1";
+/// Request-response protocol between a worker and a job's coordinator: asking for work,
+/// renewing and handing back leases (see [`job::WorkRequest`]).
+pub const WORK_PROTOCOL: &str = "/blendnet/work/1";
 /// Kademlia protocol name: private, so our DHT never mixes with the public IPFS one.
 pub const KAD_PROTOCOL: &str = "/blendnet/kad/1";
 /// Identify protocol version string: peers that announce another one are not BlendNet peers.
