@@ -671,7 +671,8 @@ impl Node {
         Ok(stderr)
     }
 
-    fn cli_json(&self, args: &[&str]) -> Result<Value> {
+    /// `blendnet <args>`, which must succeed and print JSON.
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
         let out = self.cli_ok(args)?;
         serde_json::from_str(&out).with_context(|| {
             format!(
@@ -1055,6 +1056,61 @@ fn other_peers(peers: &Value, only_online: bool) -> Result<BTreeSet<String>> {
         out.insert(str_field(peer, "peer_id")?.to_owned());
     }
     Ok(out)
+}
+
+/// The Blender the tests render with: `BLENDNET_BLENDER`, else `blender` on `PATH` (Debian's
+/// package in CI). Panics with what to install when there is none: these tests must not pass
+/// by skipping.
+pub fn blender() -> PathBuf {
+    let path = std::env::var_os("BLENDNET_BLENDER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "blender".into());
+    let found = Command::new(&path).arg("--version").output();
+    assert!(
+        found.is_ok_and(|o| o.status.success()),
+        "these tests render with real Blender: install it (apt-get install blender) or set \
+         BLENDNET_BLENDER to its path"
+    );
+    path
+}
+
+/// A small Cycles scene made by Blender from its factory startup file (the cube, 32×24 pixels,
+/// 8 samples, denoising off, so Debian's build without OpenImageDenoise renders it), after
+/// running the Python `extra` on it; saved as `dir/name.blend`.
+pub fn blender_scene(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}.blend"));
+    let script = format!(
+        "import bpy\n\
+         scene = bpy.context.scene\n\
+         scene.render.engine = 'CYCLES'\n\
+         scene.cycles.device = 'CPU'\n\
+         scene.cycles.samples = 8\n\
+         scene.cycles.use_denoising = False\n\
+         scene.render.resolution_x = 32\n\
+         scene.render.resolution_y = 24\n\
+         scene.render.resolution_percentage = 100\n\
+         {extra}\n\
+         bpy.ops.wm.save_as_mainfile(filepath={:?})\n",
+        path.to_str().context("scene path is not UTF-8")?
+    );
+    let out = run_bounded(
+        Command::new(blender())
+            .args([
+                "-b",
+                "--factory-startup",
+                "--python-exit-code",
+                "1",
+                "--python-expr",
+            ])
+            .arg(script),
+        CLI_TIMEOUT,
+    )?;
+    ensure!(
+        out.status.success() && path.exists(),
+        "making the scene {name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(path)
 }
 
 #[cfg(test)]

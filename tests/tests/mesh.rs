@@ -654,3 +654,46 @@ fn up_init_starts_a_mesh_of_one_and_keeps_it() {
         Ok(())
     });
 }
+
+/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').context("odd stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // USER_HZ is 100 on Linux.
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+/// An idle daemon, once started, sleeps: no loop may spin. (A busy loop is a bug whatever the
+/// machine; how little an idle node costs is measured by `tests/bench/idle.sh`.)
+#[test]
+fn an_idle_daemon_does_not_spin() {
+    e2e(|| {
+        let (mut a, _) = Node::init("a")?;
+        let (mut b, _) = (Node::new("b")?, ());
+        a.up(&[])?;
+        b.cli_ok(&["join", &a.invite(&[])?])?;
+        b.up(&[])?;
+        let ids = [a.peer_id()?, b.peer_id()?];
+        eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
+            all_see_each_other(&[(&a, &ids[0]), (&b, &ids[1])])
+        })?;
+        // Start-up work (Blender's version and devices) is over after a few seconds.
+        thread::sleep(Duration::from_secs(5));
+        let window = Duration::from_secs(5);
+        for node in [&a, &b] {
+            let pid = node.pid().context("not running")?;
+            let before = cpu_time(pid)?;
+            thread::sleep(window);
+            let used = cpu_time(pid)? - before;
+            ensure!(
+                used < window / 10,
+                "node {} used {used:?} of CPU in {window:?} while idle",
+                node.name()
+            );
+        }
+        Ok(())
+    });
+}

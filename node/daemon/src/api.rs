@@ -21,6 +21,12 @@
 //! | `POST /v1/invites` | [`InviteRequest`] | [`InviteView`] |
 //! | `POST /v1/admit` | [`AdmitRequest`] | [`PeerRef`] |
 //! | `POST /v1/revoke` | [`RevokeRequest`] | [`PeerRef`] |
+//! | `GET /v1/jobs` | – | JSON array of job summaries |
+//! | `POST /v1/jobs` | [`SubmitRequest`] | [`JobRef`] |
+//! | `GET /v1/jobs/{id}` | – | the job: spec, progress per frame, every task |
+//! | `DELETE /v1/jobs/{id}` | – | [`JobRef`] (cancelled) |
+//! | `GET /v1/jobs/{id}/logs` | – | JSON array of `{"task", "log"}`: the tasks this node rendered |
+//! | `GET /v1/events` | – | server-sent events, one [`JobChange`] per job change |
 //!
 //! Status codes: 400 bad request (malformed JSON, wrong fields, a value the backend refuses),
 //! 401 missing or wrong token, 404 unknown route or thing, 405 wrong method, 409 conflict, 413
@@ -32,10 +38,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::Path;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
@@ -52,6 +60,45 @@ pub const TOKEN_BYTES: usize = 32;
 
 /// What the node reports about itself: `GET /v1/status`. The network actor's own view.
 pub type StatusView = blendnet_net::NodeStatus;
+
+/// `POST /v1/jobs`: render a scene already in the store (`blendnet store add`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// The scene's manifest hash.
+    pub scene: String,
+    /// The `.blend` to render: its path inside the manifest.
+    pub blend: String,
+    pub frames: Vec<u32>,
+    /// Samples per frame (Cycles); for other engines, what the scene renders.
+    pub samples: u32,
+    /// `auto` (default), `samples` or `frames`.
+    #[serde(default)]
+    pub split: Option<String>,
+    /// `CYCLES` (default), `BLENDER_EEVEE`, `BLENDER_WORKBENCH` or another engine's identifier.
+    #[serde(default)]
+    pub engine: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The render time a task aims at, in seconds (default 60).
+    #[serde(default)]
+    pub target_task_secs: Option<u32>,
+    /// Frames per task when split by frames (default 1).
+    #[serde(default)]
+    pub frames_per_task: Option<u32>,
+}
+
+/// A job's id, as submitted or cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRef {
+    pub job: String,
+}
+
+/// One entry of the `GET /v1/events` stream: something about `job` changed; read it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobChange {
+    pub job: String,
+}
 
 /// `POST /v1/invites`: make a single-use invite code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +294,21 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn store_fetches(&self) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
     /// `POST /v1/store/gc`.
     fn store_gc(&self) -> impl Future<Output = Result<StoreGcView, ApiError>> + Send;
+    /// `GET /v1/jobs`: a JSON array.
+    fn jobs(&self) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+    /// `GET /v1/jobs/{id}`.
+    fn job(&self, id: String) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+    /// `POST /v1/jobs`.
+    fn submit(&self, req: SubmitRequest) -> impl Future<Output = Result<JobRef, ApiError>> + Send;
+    /// `GET /v1/jobs/{id}/logs`: the logs of the job's tasks rendered here.
+    fn job_logs(
+        &self,
+        id: String,
+    ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+    /// `DELETE /v1/jobs/{id}`.
+    fn cancel(&self, id: String) -> impl Future<Output = Result<JobRef, ApiError>> + Send;
+    /// `GET /v1/events`: job changes from now on.
+    fn job_changes(&self) -> Result<tokio::sync::broadcast::Receiver<JobChange>, ApiError>;
 }
 
 /// A new random API token: [`TOKEN_BYTES`] bytes from the OS-seeded CSPRNG, hex-encoded.
@@ -269,6 +331,10 @@ pub fn router<B: Backend>(token: String, backend: B) -> Router {
         .route("/v1/store/get", post(store_get::<B>))
         .route("/v1/store/fetches", get(store_fetches::<B>))
         .route("/v1/store/gc", post(store_gc::<B>))
+        .route("/v1/jobs", get(jobs::<B>).post(submit::<B>))
+        .route("/v1/jobs/{id}", get(job::<B>).delete(cancel::<B>))
+        .route("/v1/jobs/{id}/logs", get(job_logs::<B>))
+        .route("/v1/events", get(events::<B>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(backend)
@@ -484,6 +550,58 @@ async fn store_gc<B: Backend>(State(backend): State<B>) -> Response {
     reply(backend.store_gc().await)
 }
 
+async fn jobs<B: Backend>(State(backend): State<B>) -> Response {
+    reply(backend.jobs().await)
+}
+
+async fn job<B: Backend>(State(backend): State<B>, Path(id): Path<String>) -> Response {
+    reply(backend.job(id).await)
+}
+
+async fn submit<B: Backend>(
+    State(backend): State<B>,
+    body: Result<axum::Json<SubmitRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(axum::Json(req)) => reply(backend.submit(req).await),
+        Err(rejection) => json_rejection(rejection),
+    }
+}
+
+async fn job_logs<B: Backend>(State(backend): State<B>, Path(id): Path<String>) -> Response {
+    reply(backend.job_logs(id).await)
+}
+
+async fn cancel<B: Backend>(State(backend): State<B>, Path(id): Path<String>) -> Response {
+    reply(backend.cancel(id).await)
+}
+
+/// How often an idle event stream sends a comment, so proxies and clients see it is alive.
+const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+async fn events<B: Backend>(State(backend): State<B>) -> Response {
+    let changes = match backend.job_changes() {
+        Ok(changes) => changes,
+        Err(e) => return e.into_response(),
+    };
+    let stream = futures::stream::unfold(changes, |mut changes| async move {
+        loop {
+            match changes.recv().await {
+                Ok(change) => {
+                    let event = SseEvent::default().event("job").json_data(&change);
+                    return Some((event, changes));
+                }
+                // A slow reader missed some: the next change still says which job to read.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
+        .into_response()
+}
+
 /// A backend with canned answers, shared by the tests of this module and of `client`.
 #[cfg(test)]
 pub(crate) mod fake {
@@ -560,6 +678,30 @@ pub(crate) mod fake {
 
         async fn store_gc(&self) -> Result<StoreGcView, ApiError> {
             Ok(StoreGcView { freed: 0 })
+        }
+
+        async fn jobs(&self) -> Result<serde_json::Value, ApiError> {
+            Ok(serde_json::json!([]))
+        }
+
+        async fn job(&self, id: String) -> Result<serde_json::Value, ApiError> {
+            Err(ApiError::NotFound(format!("no job {id}")))
+        }
+
+        async fn submit(&self, req: SubmitRequest) -> Result<JobRef, ApiError> {
+            Ok(JobRef { job: req.scene })
+        }
+
+        async fn cancel(&self, id: String) -> Result<JobRef, ApiError> {
+            Ok(JobRef { job: id })
+        }
+
+        async fn job_logs(&self, _id: String) -> Result<serde_json::Value, ApiError> {
+            Ok(serde_json::json!([]))
+        }
+
+        fn job_changes(&self) -> Result<tokio::sync::broadcast::Receiver<JobChange>, ApiError> {
+            Err(ApiError::Unavailable("no job board here".into()))
         }
     }
 

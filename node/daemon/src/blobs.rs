@@ -282,6 +282,23 @@ impl Blobs {
         out: PathBuf,
         from: Option<PeerId>,
     ) -> Result<StoreGetView, ApiError> {
+        let (manifest, view) = self.fetch(hash, from).await?;
+        let store = self.store.clone();
+        blocking(move || {
+            std::fs::create_dir_all(&out).map_err(|e| bad(format!("{}: {e}", out.display())))?;
+            store.materialize(&manifest, &out).map_err(bad)
+        })
+        .await?;
+        Ok(view)
+    }
+
+    /// Fetches a manifest and every blob it names into the store, from `from` or from every
+    /// member.
+    pub async fn fetch(
+        &self,
+        hash: BlobHash,
+        from: Option<PeerId>,
+    ) -> Result<(Manifest, StoreGetView), ApiError> {
         let candidates: Vec<PeerId> = match from {
             Some(peer) => vec![peer],
             None => self.streams.members().iter().copied().collect(),
@@ -304,13 +321,7 @@ impl Blobs {
         drop(fetches);
         view.files = manifest.entries.len();
         view.bytes = manifest.total_size();
-        let store = self.store.clone();
-        blocking(move || {
-            std::fs::create_dir_all(&out).map_err(|e| bad(format!("{}: {e}", out.display())))?;
-            store.materialize(&manifest, &out).map_err(bad)
-        })
-        .await?;
-        Ok(view)
+        Ok((manifest, view))
     }
 
     async fn fetch_one(

@@ -1,7 +1,9 @@
 //! The command line: `blendnet <command>`. Every command but `up`, `init` and `join` is a
 //! client of the running daemon's local API.
 
-use crate::api::{AdmitRequest, InviteRequest, RevokeRequest, StoreAddRequest, StoreGetRequest};
+use crate::api::{
+    AdmitRequest, InviteRequest, RevokeRequest, StoreAddRequest, StoreGetRequest, SubmitRequest,
+};
 use crate::client::Client;
 use crate::config::{Config, Overrides};
 use crate::data_dir::DataDir;
@@ -62,15 +64,103 @@ pub enum Command {
         #[arg(long)]
         pending: bool,
     },
-    /// Show this node's status.
+    /// Show this node's status, or with JOB, a job's.
     Status {
+        /// A job id (as `jobs` prints it); without it, this node.
+        job: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// Render a scene already in the store (`store add`) across the mesh; prints the job id.
+    Submit(SubmitArgs),
+    /// List the jobs this node knows, newest last.
+    Jobs {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the logs of a job's tasks that this node rendered (Blender's last lines included).
+    Logs {
+        /// The job id.
+        job: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job submitted from this node: running tasks stop, nothing more is rendered.
+    Cancel {
+        /// The job id.
+        job: String,
+    },
     /// The blob store: add files, fetch them from the mesh, list, collect garbage.
     #[command(subcommand)]
     Store(StoreCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// The scene's manifest hash, as `store add` printed it.
+    pub scene: String,
+    /// The `.blend` to render: its path inside the manifest.
+    #[arg(long, value_name = "PATH")]
+    pub blend: String,
+    /// Frames: `1`, `1-10`, `1-10,12,20-25`.
+    #[arg(long, default_value = "1")]
+    pub frames: String,
+    /// Samples per frame (Cycles).
+    #[arg(long, default_value_t = 128)]
+    pub samples: u32,
+    /// How to cut the job: auto (sample slices for a Cycles still, else frames), samples, frames.
+    #[arg(long, default_value = "auto")]
+    pub split: String,
+    /// The scene's render engine, as Blender names it.
+    #[arg(long, default_value = "CYCLES")]
+    pub engine: String,
+    /// A name for people (default: the .blend's path).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The render time a task aims at, in seconds.
+    #[arg(long)]
+    pub target_task_secs: Option<u32>,
+    /// Frames per task when split by frames.
+    #[arg(long)]
+    pub frames_per_task: Option<u32>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses a frame list: `1`, `1-10`, `1-10,12,20-25` (each frame once, in the order given).
+pub fn parse_frames(text: &str) -> Result<Vec<u32>, String> {
+    let mut frames = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        let (start, end) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let parse = |s: &str| {
+            s.parse::<u32>()
+                .map_err(|_| format!("{part:?} is not a frame or a range like 1-10"))
+        };
+        let (start, end) = (parse(start)?, parse(end)?);
+        if end < start {
+            return Err(format!("the range {part:?} ends before it starts"));
+        }
+        if (end - start) as usize >= blendnet_proto::job::MAX_FRAMES {
+            return Err(format!(
+                "the range {part:?} has more than {} frames",
+                blendnet_proto::job::MAX_FRAMES
+            ));
+        }
+        for frame in start..=end {
+            if frames.contains(&frame) {
+                return Err(format!("frame {frame} is listed twice"));
+            }
+            frames.push(frame);
+        }
+    }
+    Ok(frames)
 }
 
 #[derive(Debug, Subcommand)]
@@ -287,7 +377,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Store(command) => store(&data_dir, command)?,
-        Command::Status { json } => {
+        Command::Status {
+            job: Some(job),
+            json,
+        } => {
+            let view = Client::connect(&data_dir)?.job(&job)?;
+            if json {
+                return print_json(&view);
+            }
+            print_job(&view);
+        }
+        Command::Status { job: None, json } => {
             let status = Client::connect(&data_dir)?.status()?;
             if json {
                 return print_json(&status);
@@ -302,8 +402,145 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("listening   {a}");
             }
         }
+        Command::Submit(args) => {
+            let frames =
+                parse_frames(&args.frames).map_err(|e| anyhow::anyhow!("--frames: {e}"))?;
+            let job = Client::connect(&data_dir)?.submit(&SubmitRequest {
+                scene: args.scene,
+                blend: args.blend,
+                frames,
+                samples: args.samples,
+                split: Some(args.split),
+                engine: Some(args.engine),
+                name: args.name,
+                target_task_secs: args.target_task_secs,
+                frames_per_task: args.frames_per_task,
+            })?;
+            if args.json {
+                return print_json(&job);
+            }
+            println!("{}", job.job);
+        }
+        Command::Jobs { json } => {
+            let jobs = Client::connect(&data_dir)?.jobs()?;
+            if json {
+                return print_json(&jobs);
+            }
+            let list = jobs.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no jobs");
+            }
+            for job in &list {
+                println!("{}", job_line(job));
+            }
+        }
+        Command::Logs { job, json } => {
+            let logs = Client::connect(&data_dir)?.job_logs(&job)?;
+            if json {
+                return print_json(&logs);
+            }
+            let list = logs.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("this node rendered no task of job {job}");
+            }
+            for entry in &list {
+                println!("=== {}", entry["task"].as_str().unwrap_or("-"));
+                println!("{}", entry["log"].as_str().unwrap_or(""));
+            }
+        }
+        Command::Cancel { job } => {
+            let job = Client::connect(&data_dir)?.cancel(&job)?;
+            println!("cancelled {}", job.job);
+        }
     }
     Ok(())
+}
+
+/// One line for a job: id, state, progress, name.
+fn job_line(job: &serde_json::Value) -> String {
+    let text = |k: &str| {
+        job.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("-")
+            .to_string()
+    };
+    let number = |k: &str| job.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let (done, total) = (number("done_units"), number("total_units"));
+    let percent = if total == 0 {
+        0.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    };
+    format!(
+        "{}  {:10}  {percent:5.1}%  {}",
+        text("id"),
+        status_word(job.get("status")),
+        text("name")
+    )
+}
+
+/// A job status as one word: `active`, `done`, `cancelled`, `failed`.
+fn status_word(status: Option<&serde_json::Value>) -> String {
+    match status {
+        Some(serde_json::Value::String(s)) => s.to_lowercase(),
+        Some(serde_json::Value::Object(map)) => map
+            .keys()
+            .next()
+            .map(|k| k.to_lowercase())
+            .unwrap_or_else(|| "-".into()),
+        _ => "-".into(),
+    }
+}
+
+/// A job's status for people: its line, then each frame's progress and each failure.
+fn print_job(view: &serde_json::Value) {
+    let summary = view.get("summary").cloned().unwrap_or_default();
+    println!("{}", job_line(&summary));
+    if let Some(serde_json::Value::Object(map)) = summary.get("status")
+        && let Some(reason) = map
+            .values()
+            .next()
+            .and_then(|v| v.get("reason"))
+            .and_then(|v| v.as_str())
+    {
+        println!("  reason: {reason}");
+    }
+    if let Some(coordinator) = summary.get("coordinator").and_then(|c| c.as_array()) {
+        let epoch = coordinator.first().and_then(|v| v.as_u64()).unwrap_or(0);
+        let peer = coordinator.get(1).and_then(|v| v.as_str()).unwrap_or("-");
+        println!("  coordinator: {peer} (epoch {epoch})");
+    }
+    for frame in view
+        .get("frames")
+        .and_then(|f| f.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let n = |k: &str| frame.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        println!(
+            "  frame {:5}  {}/{} samples",
+            n("frame"),
+            n("samples_done"),
+            n("samples")
+        );
+    }
+    for task in view
+        .get("tasks")
+        .and_then(|t| t.as_array())
+        .into_iter()
+        .flatten()
+    {
+        for failure in task
+            .get("failures")
+            .and_then(|f| f.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let peer = failure.get(0).and_then(|v| v.as_str()).unwrap_or("-");
+            let reason = failure.get(1).and_then(|v| v.as_str()).unwrap_or("-");
+            println!("  failed on {peer}: {reason}");
+        }
+    }
 }
 
 fn absolute(path: &std::path::Path) -> anyhow::Result<String> {

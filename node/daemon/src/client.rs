@@ -17,8 +17,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    AdmitRequest, ErrorBody, InviteRequest, InviteView, PeerRef, RevokeRequest, StatusView,
-    StoreAddRequest, StoreAddView, StoreGcView, StoreGetRequest, StoreGetView,
+    AdmitRequest, ErrorBody, InviteRequest, InviteView, JobRef, PeerRef, RevokeRequest, StatusView,
+    StoreAddRequest, StoreAddView, StoreGcView, StoreGetRequest, StoreGetView, SubmitRequest,
 };
 use crate::data_dir::{self, DataDir, ReadSecretError};
 
@@ -205,6 +205,36 @@ impl Client {
     /// `POST /v1/store/gc`.
     pub fn store_gc(&self) -> Result<StoreGcView, ClientError> {
         self.post("/v1/store/gc", &serde_json::json!({}))
+    }
+
+    /// `GET /v1/jobs`.
+    pub fn jobs(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/v1/jobs")
+    }
+
+    /// `GET /v1/jobs/{id}`.
+    pub fn job(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.get(&format!("/v1/jobs/{id}"))
+    }
+
+    /// `GET /v1/jobs/{id}/logs`.
+    pub fn job_logs(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.get(&format!("/v1/jobs/{id}/logs"))
+    }
+
+    /// `POST /v1/jobs`.
+    pub fn submit(&self, req: &SubmitRequest) -> Result<JobRef, ClientError> {
+        self.post("/v1/jobs", req)
+    }
+
+    /// `DELETE /v1/jobs/{id}`.
+    pub fn cancel(&self, id: &str) -> Result<JobRef, ClientError> {
+        let response = self
+            .agent
+            .delete(self.url(&format!("/v1/jobs/{id}")))
+            .header("Authorization", &self.authorization)
+            .call();
+        self.finish(response)
     }
 
     fn url(&self, path: &str) -> String {

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod blobs;
+pub mod board;
 pub mod capabilities;
 pub mod cli;
 pub mod client;
@@ -18,4 +19,5 @@ pub mod config;
 pub mod data_dir;
 pub mod logging;
 pub mod node;
+pub mod render;
 pub mod state;

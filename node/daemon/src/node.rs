@@ -13,13 +13,16 @@
 //! table maps a peer id to its last known multiaddrs.
 
 use crate::api::{
-    self, AdmitRequest, ApiError, Backend, InviteRequest, InviteView, PeerRef, RevokeRequest,
-    StatusView, StoreAddRequest, StoreAddView, StoreGcView, StoreGetRequest, StoreGetView,
+    self, AdmitRequest, ApiError, Backend, InviteRequest, InviteView, JobChange, JobRef, PeerRef,
+    RevokeRequest, StatusView, StoreAddRequest, StoreAddView, StoreGcView, StoreGetRequest,
+    StoreGetView, SubmitRequest,
 };
 use crate::blobs::{Blobs, store_dir};
+use crate::board::{Board, BoardSetup};
 use crate::capabilities::Capabilities;
 use crate::config::Config;
 use crate::data_dir::{DataDir, ReadSecretError, SECRET_MODE, read_secret, write_atomic};
+use crate::render::{Render, RenderMessage};
 use crate::state::State;
 use anyhow::{Context, anyhow, bail};
 use blendnet_core::{Invites, Roster};
@@ -27,13 +30,21 @@ use blendnet_net::{
     AdmitError, Event, InviteError, Membership, Multiaddr, Net, PeerId, RevokeError, Spawned,
     Transport, identity,
 };
+use blendnet_proto::job::Offer;
 use blendnet_proto::{Fingerprint, InviteCode, MeshId, MeshKey, Role, Roles, RosterSnapshot};
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// How long a graceful shutdown may take before the daemon exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Where jobs' scenes, outputs in progress and task logs live, in the data dir.
+const WORK_DIR: &str = "work";
+
+/// Render reports waiting for the board: one per task, and one task runs at a time.
+const RENDER_REPORTS: usize = 16;
 /// How long the certificate `init` gives its own node lasts.
 const OWN_CERT_LIFETIME_SECS: u64 = 100 * 365 * 24 * 3600;
 
@@ -280,7 +291,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         task: net_task,
     } = blendnet_net::spawn(
         blendnet_net::Config {
-            keypair,
+            keypair: keypair.clone(),
             transport: Transport::Network { psk },
             listen,
             bootstrap,
@@ -298,28 +309,6 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         stopped(stop_rx.clone()),
     )?;
 
-    // Full capabilities take a second or two (Blender's version): detect them off the loop.
-    {
-        let net = net.clone();
-        let dir = data_dir.path().to_path_buf();
-        let blender = config.blender.clone();
-        let render = config.render;
-        tokio::spawn(async move {
-            let detected =
-                tokio::task::spawn_blocking(move || Capabilities::detect(&dir, blender.as_deref()))
-                    .await;
-            if let Ok((caps, problem)) = detected {
-                if let Some(problem) = problem {
-                    tracing::warn!(%problem, "no usable Blender: this node will not render");
-                }
-                if let Some(b) = &caps.blender {
-                    tracing::info!(version = %b.version, path = %b.path, "found Blender");
-                }
-                let _ = net.set_capabilities(wire_capabilities(&caps, render)).await;
-            }
-        });
-    }
-
     let store = blendnet_store::Store::open(
         &store_dir(data_dir.path()),
         state.database(),
@@ -331,16 +320,74 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
             .try_into()
             .unwrap_or_default(),
     );
-    let blobs = Blobs::new(store, streams, net.clone(), seed);
-    // Gossip for the layers above the mesh: `have` feeds the blob store's hints; jobs, tasks
-    // (later issues) have no consumer yet and are dropped here.
+    let blobs = Blobs::new(store, streams.clone(), net.clone(), seed);
+    let (reports_tx, reports) = mpsc::channel(RENDER_REPORTS);
+    let render = Render::spawn(data_dir.path().join(WORK_DIR), blobs.clone(), reports_tx);
+    let (offer_tx, offer) = watch::channel(None);
+    let board = Board::spawn(
+        BoardSetup {
+            keypair,
+            net: net.clone(),
+            streams,
+            blobs: blobs.clone(),
+            render: render.clone(),
+            database: state.database(),
+            renders: config.render,
+            offer,
+        },
+        reports,
+        stop_rx.clone(),
+    )
+    .context("starting the job board")?;
+
+    // Full capabilities take a second or two (Blender's version and devices): detect them off
+    // the loop, then advertise them and hand Blender to the render side.
+    {
+        let net = net.clone();
+        let dir = data_dir.path().to_path_buf();
+        let blender = config.blender.clone();
+        let render_enabled = config.render;
+        tokio::spawn(async move {
+            let detected =
+                tokio::task::spawn_blocking(move || Capabilities::detect(&dir, blender.as_deref()))
+                    .await;
+            if let Ok((caps, problem)) = detected {
+                if let Some(problem) = problem {
+                    tracing::warn!(%problem, "no usable Blender: this node will not render");
+                }
+                if let Some(b) = &caps.blender {
+                    tracing::info!(version = %b.version, path = %b.path, "found Blender");
+                }
+                let blender = caps.blender.as_ref().map(|b| PathBuf::from(&b.path));
+                render.send(RenderMessage::SetBlender(blender)).await;
+                let _ = offer_tx.send(Some(Offer {
+                    cores: u32::try_from(caps.cores).unwrap_or(u32::MAX),
+                    gpus: caps.blender.as_ref().map_or(0, |b| {
+                        b.devices.devices.iter().filter(|d| d.kind != "CPU").count()
+                    }) as u32,
+                    blender: caps.blender.as_ref().map(|b| b.version.clone()),
+                }));
+                let _ = net
+                    .set_capabilities(wire_capabilities(&caps, render_enabled))
+                    .await;
+            }
+        });
+    }
+
+    // Gossip for the layers above the mesh: `have` feeds the blob store's hints; jobs and
+    // tasks go to the job board.
     {
         let blobs = blobs.clone();
+        let board = board.clone();
         let mut deliveries = deliveries;
         tokio::spawn(async move {
             while let Some(d) = deliveries.recv().await {
-                if d.topic == blendnet_proto::Topic::Have {
-                    blobs.on_have(d.source, &d.data);
+                match d.topic {
+                    blendnet_proto::Topic::Have => blobs.on_have(d.source, &d.data),
+                    blendnet_proto::Topic::Jobs | blendnet_proto::Topic::Tasks => {
+                        board.deliver(d).await
+                    }
+                    _ => {}
                 }
             }
         });
@@ -355,6 +402,8 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
     let backend = NodeBackend {
         net: net.clone(),
         blobs,
+        board,
+        work_dir: data_dir.path().join(WORK_DIR),
     };
     let api_task = tokio::spawn(api::serve(
         listener,
@@ -444,6 +493,96 @@ fn persist(state: &State, event: Event) {
 struct NodeBackend {
     net: Net,
     blobs: Blobs,
+    board: Board,
+    /// `<data dir>/work`: jobs' scenes and task logs.
+    work_dir: PathBuf,
+}
+
+/// Most task logs returned at once, and most bytes of each: a log is a few lines and Blender's
+/// last forty.
+const MAX_TASK_LOGS: usize = 1000;
+const MAX_TASK_LOG_BYTES: u64 = 64 * 1024;
+
+/// The task logs in `dir`, by task, as `[{"task": ..., "log": ...}]`; none if there is no dir.
+async fn blocking_read_logs(dir: PathBuf) -> Result<serde_json::Value, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(serde_json::json!([]));
+        };
+        let mut logs = Vec::new();
+        for entry in entries.flatten().take(MAX_TASK_LOGS) {
+            let path = entry.path();
+            let Some(task) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let mut text = String::new();
+            let read = std::fs::File::open(&path).and_then(|f| {
+                use std::io::Read;
+                f.take(MAX_TASK_LOG_BYTES).read_to_string(&mut text)
+            });
+            if read.is_ok() {
+                logs.push(serde_json::json!({ "task": task, "log": text }));
+            }
+        }
+        logs.sort_by(|a, b| a["task"].as_str().cmp(&b["task"].as_str()));
+        Ok(serde_json::Value::Array(logs))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+fn board_error(e: crate::board::BoardError) -> ApiError {
+    ApiError::Unavailable(e.to_string())
+}
+
+fn parse_job(id: &str) -> Result<blendnet_proto::JobId, ApiError> {
+    id.parse()
+        .map_err(|e: blendnet_proto::job::BadJobId| ApiError::BadRequest(e.to_string()))
+}
+
+/// The job spec of a submission, with the API's defaults.
+fn job_spec(req: SubmitRequest) -> Result<blendnet_proto::JobSpec, ApiError> {
+    use blendnet_proto::{Engine, Split};
+    let scene = req
+        .scene
+        .parse()
+        .map_err(|e: blendnet_proto::id::BadBlobHash| ApiError::BadRequest(e.to_string()))?;
+    let split = match req.split.as_deref().unwrap_or("auto") {
+        "auto" => Split::Auto,
+        "samples" => Split::Samples,
+        "frames" => Split::Frames,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "split must be auto, samples or frames, not {other:?}"
+            )));
+        }
+    };
+    let engine = match req.engine.as_deref().unwrap_or("CYCLES") {
+        "CYCLES" => Engine::Cycles,
+        "BLENDER_EEVEE" | "BLENDER_EEVEE_NEXT" => Engine::Eevee,
+        "BLENDER_WORKBENCH" => Engine::Workbench,
+        other => Engine::Other(other.to_owned()),
+    };
+    let name = req.name.unwrap_or_else(|| req.blend.clone());
+    let mut spec = blendnet_proto::JobSpec::new(
+        name,
+        scene,
+        req.blend,
+        req.frames,
+        req.samples,
+        engine,
+        unix_now(),
+    );
+    spec.split = split;
+    if let Some(secs) = req.target_task_secs {
+        spec.target_task_secs = secs;
+    }
+    if let Some(n) = req.frames_per_task {
+        spec.frames_per_task = n;
+    }
+    spec.validate()
+        .map_err(|e| ApiError::BadRequest(format!("invalid job: {e}")))?;
+    Ok(spec)
 }
 
 fn stopped_error(_: blendnet_net::Stopped) -> ApiError {
@@ -601,5 +740,47 @@ impl Backend for NodeBackend {
         Ok(PeerRef {
             peer_id: peer.to_string(),
         })
+    }
+
+    async fn jobs(&self) -> Result<serde_json::Value, ApiError> {
+        let jobs = self.board.jobs().await.map_err(board_error)?;
+        serde_json::to_value(jobs).map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    async fn job(&self, id: String) -> Result<serde_json::Value, ApiError> {
+        let job = parse_job(&id)?;
+        match self.board.job(job).await.map_err(board_error)? {
+            Some(view) => serde_json::to_value(view).map_err(|e| ApiError::Internal(e.to_string())),
+            None => Err(ApiError::NotFound(format!("no job {id} on this node"))),
+        }
+    }
+
+    async fn submit(&self, req: SubmitRequest) -> Result<JobRef, ApiError> {
+        let spec = job_spec(req)?;
+        match self.board.submit(spec).await.map_err(board_error)? {
+            Ok(job) => Ok(JobRef {
+                job: job.to_string(),
+            }),
+            Err(reason) => Err(ApiError::BadRequest(reason)),
+        }
+    }
+
+    async fn job_logs(&self, id: String) -> Result<serde_json::Value, ApiError> {
+        let job = parse_job(&id)?;
+        let dir = self.work_dir.join(job.to_string()).join("logs");
+        blocking_read_logs(dir).await
+    }
+
+    async fn cancel(&self, id: String) -> Result<JobRef, ApiError> {
+        let job = parse_job(&id)?;
+        match self.board.cancel(job).await.map_err(board_error)? {
+            Ok(()) => Ok(JobRef { job: id }),
+            Err(reason) if reason.starts_with("no job") => Err(ApiError::NotFound(reason)),
+            Err(reason) => Err(ApiError::Conflict(reason)),
+        }
+    }
+
+    fn job_changes(&self) -> Result<tokio::sync::broadcast::Receiver<JobChange>, ApiError> {
+        Ok(self.board.changes())
     }
 }

@@ -328,6 +328,11 @@ impl Worker {
         }
     }
 
+    /// Blender's last lines of output (its own log, not the replies), oldest first.
+    pub fn log_tail(&self) -> String {
+        last_lines(&self.shared)
+    }
+
     /// Blender's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()

@@ -6,57 +6,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blendnet_render::{ErrorKind, RenderError, RenderTask, SliceMode, StartError, Worker};
+use blendnet_tests::{blender, blender_scene};
 
-fn blender() -> PathBuf {
-    let path = std::env::var_os("BLENDNET_BLENDER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "blender".into());
-    let found = Command::new(&path).arg("--version").output();
-    assert!(
-        found.is_ok_and(|o| o.status.success()),
-        "these tests render with real Blender: install it (apt-get install blender) or set \
-         BLENDNET_BLENDER to its path"
-    );
-    path
-}
-
-/// A small Cycles scene (the factory cube, 32×24 pixels, denoising off) made by Blender and
-/// saved to `dir/name.blend`, after running `extra` (Python) on it.
+/// A scene made by Blender (see [`blender_scene`]).
 fn scene(dir: &Path, name: &str, extra: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.blend"));
-    let script = format!(
-        r#"
-import bpy
-scene = bpy.context.scene
-scene.render.engine = "CYCLES"
-scene.cycles.device = "CPU"
-scene.cycles.samples = 8
-scene.cycles.use_denoising = False
-scene.render.resolution_x = 32
-scene.render.resolution_y = 24
-scene.render.resolution_percentage = 100
-{extra}
-bpy.ops.wm.save_as_mainfile(filepath={path:?})
-"#,
-        path = path.to_str().unwrap()
-    );
-    let out = Command::new(blender())
-        .args([
-            "-b",
-            "--factory-startup",
-            "--python-exit-code",
-            "1",
-            "--python-expr",
-        ])
-        .arg(script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && path.exists(),
-        "making the scene failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
+    blender_scene(dir, name, extra).unwrap()
 }
 
 fn slice(id: u64, dir: &Path, offset: u32, samples: u32) -> RenderTask {

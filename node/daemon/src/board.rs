@@ -1,0 +1,934 @@
+//! The board actor: this peer's job board (the pure [`blendnet_core::board::Board`]) wired to
+//! the mesh, the disk, the render actor and the blob store.
+//!
+//! ```text
+//!  gossip jobs/tasks ─┐                                   ┌─▶ redb `board_events` (Persist, batched, before anything else)
+//!  members (1 s poll) ┤                                   ├─▶ publisher task ─▶ gossip (Publish, in order)
+//!  /blendnet/work/1 ──┤                                   ├─▶ /blendnet/work/1 requests (SendWork) ─┐
+//!  /blendnet/board/1 ─┼──▶ BoardActor ──▶ core Board ──▶──┼─▶ render actor (StartTask, StopTask)    │
+//!  render reports ────┤        ▲                          ├─▶ blob fetches (FetchResult, Replicate) │
+//!  API (submit, …) ───┘        └──── replies, results ◀───┴──────────────────────────────────────────┘
+//! ```
+//!
+//! The actor owns the core board; everything slow (streams, fetches, gossip) runs in spawned
+//! tasks that report back through the inbox, so the loop never waits on a peer. Every event the
+//! board accepts is committed to the database before the actions after it run, so a killed
+//! daemon restarts ([`Board::restore`](blendnet_core::board::Board::restore)) where it was.
+//! Anti-entropy: every [`SYNC_EVERY`] the actor compares job digests with one random live
+//! member and pulls the events of jobs that differ.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blendnet_core::board::{
+    self as core_board, Action, BoardConfig, Input, JobSummary, JobView, Member,
+};
+use blendnet_net::identity::Keypair;
+use blendnet_net::{Delivery, Net, PeerId, Streams};
+use blendnet_proto::board::{
+    BOARD_PROTOCOL, BoardRequest, BoardResponse, MAX_BOARD_REQUEST_BYTES, MAX_BOARD_RESPONSE_BYTES,
+    MAX_EVENTS_PER_PAGE,
+};
+use blendnet_proto::frame::{read_frame, write_frame};
+use blendnet_proto::job::{MAX_WORK_BYTES, Offer};
+use blendnet_proto::{
+    BlobHash, JobId, JobSpec, Roles, SignedEvent, Topic, WORK_PROTOCOL, WorkRequest, WorkResponse,
+};
+use futures::AsyncWriteExt;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::api::JobChange;
+use crate::blobs::Blobs;
+use crate::render::{Render, RenderMessage, RenderReport};
+
+/// Every event the board accepted, by event id: the board is rebuilt from them at start-up.
+const EVENTS_TABLE: TableDefinition<'static, &'static [u8], &'static [u8]> =
+    TableDefinition::new("board_events");
+
+/// Messages waiting for the actor: gossip bursts (a coordinator granting to many workers at
+/// once) and work requests; senders wait when it is full.
+const INBOX: usize = 1024;
+
+/// Gossip waiting to be published, in order. The board publishes one event per state change.
+const PUBLISH_QUEUE: usize = 4096;
+
+/// Changes waiting for API event-stream subscribers; a slow subscriber misses the oldest.
+const CHANGES: usize = 256;
+
+/// How often the members (roster, liveness, who renders) are read from the network actor.
+pub const MEMBERS_EVERY: Duration = Duration::from_secs(1);
+
+/// How often this peer runs anti-entropy with one random live member.
+pub const SYNC_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a work or board request may take before it counts as failed: the core's own
+/// timeouts are longer, so an answer lost on the way is noticed here first.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Tries to open a stream before giving up: libp2p-stream drops inbound streams it cannot hand
+/// over at once, so a refused stream under load is normal.
+const STREAM_TRIES: u32 = 3;
+
+/// How long a replication (fetching a result from its renderer) may take.
+const REPLICATE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A message for the board actor.
+#[derive(Debug)]
+pub enum BoardMessage {
+    Delivery(Delivery),
+    Members(Vec<Member>),
+    WorkRequest {
+        from: PeerId,
+        request: WorkRequest,
+        reply: oneshot::Sender<WorkResponse>,
+    },
+    WorkReply {
+        from: PeerId,
+        request: WorkRequest,
+        response: Option<WorkResponse>,
+    },
+    Render(RenderReport),
+    ResultHeld {
+        hash: BlobHash,
+        holder: PeerId,
+    },
+    FetchFailed {
+        hash: BlobHash,
+        from: PeerId,
+    },
+    SyncEvents(Vec<SignedEvent>),
+    Submit {
+        spec: JobSpec,
+        reply: oneshot::Sender<Result<JobId, String>>,
+    },
+    Cancel {
+        job: JobId,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Jobs(oneshot::Sender<Vec<JobSummary>>),
+    Job {
+        job: JobId,
+        reply: oneshot::Sender<Option<JobView>>,
+    },
+    Digests(oneshot::Sender<Vec<(JobId, [u8; 32])>>),
+    Events {
+        job: JobId,
+        skip: u32,
+        reply: oneshot::Sender<(Vec<SignedEvent>, bool)>,
+    },
+    /// Anti-entropy is due.
+    SyncTick,
+}
+
+/// Why the board cannot answer.
+#[derive(Debug, thiserror::Error)]
+pub enum BoardError {
+    #[error("the job board is not running")]
+    Stopped,
+    #[error("this node is not a member of a mesh yet, or is still starting")]
+    NotReady,
+}
+
+/// The handle to the board actor.
+#[derive(Debug, Clone)]
+pub struct Board {
+    tx: mpsc::Sender<BoardMessage>,
+    changes: broadcast::Sender<JobChange>,
+}
+
+/// What the board needs to start.
+#[derive(Debug)]
+pub struct BoardSetup {
+    pub keypair: Keypair,
+    pub net: Net,
+    pub streams: Streams,
+    pub blobs: Blobs,
+    pub render: Render,
+    pub database: Arc<redb::Database>,
+    /// Whether this node takes render tasks (config), and what it offers once Blender is found.
+    pub renders: bool,
+    pub offer: watch::Receiver<Option<Offer>>,
+}
+
+impl Board {
+    /// Starts the actor and its servers. The core board is made once this node knows its roles
+    /// and its capabilities (a second or two after start-up).
+    pub fn spawn(
+        setup: BoardSetup,
+        render_reports: mpsc::Receiver<RenderReport>,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Board> {
+        let (tx, inbox) = mpsc::channel(INBOX);
+        let (changes, _) = broadcast::channel(CHANGES);
+        let board = Board {
+            tx: tx.clone(),
+            changes: changes.clone(),
+        };
+        let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        tokio::spawn(publisher(setup.net.clone(), publish_rx));
+        let work = setup.streams.incoming(WORK_PROTOCOL)?;
+        tokio::spawn(serve_work(work, board.clone()));
+        let sync = setup.streams.incoming(BOARD_PROTOCOL)?;
+        tokio::spawn(serve_board(sync, board.clone(), setup.blobs.clone()));
+        tokio::spawn(forward_reports(render_reports, tx.clone()));
+        tokio::spawn(poll_members(
+            setup.net.clone(),
+            tx.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(sync_ticks(tx.clone(), shutdown.clone()));
+        let actor = BoardActor {
+            board: None,
+            keypair: setup.keypair,
+            renders: setup.renders,
+            offer: setup.offer,
+            self_roles: None,
+            pending_members: None,
+            net_streams: setup.streams,
+            blobs: setup.blobs,
+            render: setup.render,
+            database: setup.database,
+            inbox,
+            tx,
+            publish: publish_tx,
+            changes,
+            started: Instant::now(),
+            replies: HashMap::new(),
+            next_reply: 1,
+            live: Vec::new(),
+        };
+        tokio::spawn(actor.run(shutdown));
+        Ok(board)
+    }
+
+    /// Hands a gossip delivery on the jobs or tasks topic to the board.
+    pub async fn deliver(&self, delivery: Delivery) {
+        let _ = self.tx.send(BoardMessage::Delivery(delivery)).await;
+    }
+
+    /// Subscribes to job changes, for the API's event stream.
+    pub fn changes(&self) -> broadcast::Receiver<JobChange> {
+        self.changes.subscribe()
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> BoardMessage,
+    ) -> Result<T, BoardError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| BoardError::Stopped)?;
+        rx.await.map_err(|_| BoardError::NotReady)
+    }
+
+    /// Submits a job from this node.
+    pub async fn submit(&self, spec: JobSpec) -> Result<Result<JobId, String>, BoardError> {
+        self.ask(|reply| BoardMessage::Submit { spec, reply }).await
+    }
+
+    /// Cancels a job this node submitted.
+    pub async fn cancel(&self, job: JobId) -> Result<Result<(), String>, BoardError> {
+        self.ask(|reply| BoardMessage::Cancel { job, reply }).await
+    }
+
+    /// Every job this node knows.
+    pub async fn jobs(&self) -> Result<Vec<JobSummary>, BoardError> {
+        self.ask(BoardMessage::Jobs).await
+    }
+
+    /// One job in full.
+    pub async fn job(&self, job: JobId) -> Result<Option<JobView>, BoardError> {
+        self.ask(|reply| BoardMessage::Job { job, reply }).await
+    }
+}
+
+struct BoardActor {
+    /// `None` until this node's roles and capabilities are known.
+    board: Option<core_board::Board>,
+    keypair: Keypair,
+    renders: bool,
+    offer: watch::Receiver<Option<Offer>>,
+    self_roles: Option<Roles>,
+    /// Members seen before the core board existed.
+    pending_members: Option<Vec<Member>>,
+    net_streams: Streams,
+    blobs: Blobs,
+    render: Render,
+    database: Arc<redb::Database>,
+    inbox: mpsc::Receiver<BoardMessage>,
+    tx: mpsc::Sender<BoardMessage>,
+    publish: mpsc::Sender<(Topic, Vec<u8>)>,
+    changes: broadcast::Sender<JobChange>,
+    started: Instant,
+    /// Work requests waiting for the core's answer, by the id given to the core.
+    replies: HashMap<u64, oneshot::Sender<WorkResponse>>,
+    next_reply: u64,
+    /// Live members other than this node, for anti-entropy.
+    live: Vec<PeerId>,
+}
+
+impl BoardActor {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        // The offer comes once, when detection ends; then its sender is gone and `changed`
+        // would answer at once forever, so it is watched only until then.
+        let mut offer_pending = true;
+        loop {
+            let deadline = self
+                .board
+                .as_ref()
+                .and_then(|b| b.next_deadline())
+                .map(|ms| self.started + Duration::from_millis(ms));
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                message = self.inbox.recv() => match message {
+                    Some(message) => self.on_message(message),
+                    None => break,
+                },
+                _ = sleep => self.input(Input::Tick),
+                changed = self.offer.changed(), if offer_pending => {
+                    offer_pending = changed.is_ok();
+                    self.try_start();
+                }
+            }
+        }
+        // Hand back the running lease and stop taking tasks.
+        self.input(Input::Drain);
+    }
+
+    /// Makes the core board once roles and capabilities are known, from the saved events.
+    fn try_start(&mut self) {
+        if self.board.is_some() {
+            return;
+        }
+        let (Some(roles), Some(offer)) = (self.self_roles, self.offer.borrow().clone()) else {
+            return;
+        };
+        let config = BoardConfig {
+            keypair: self.keypair.clone(),
+            roles,
+            renders: self.renders && offer.blender.is_some(),
+            offer,
+        };
+        let events = match load_events(&self.database) {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the saved job events; starting empty");
+                Vec::new()
+            }
+        };
+        let count = events.len();
+        match core_board::Board::restore(config, events, self.now()) {
+            Ok(board) => {
+                tracing::info!(events = count, jobs = board.jobs().len(), "job board ready");
+                self.board = Some(board);
+                if let Some(members) = self.pending_members.take() {
+                    self.input(Input::Members(members));
+                } else {
+                    self.input(Input::Tick);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start the job board"),
+        }
+    }
+
+    fn on_message(&mut self, message: BoardMessage) {
+        match message {
+            BoardMessage::Delivery(d) => match SignedEvent::from_bytes(&d.data) {
+                Ok(event) => self.input(Input::Event(event)),
+                Err(e) => tracing::debug!(source = %d.source, error = %e, "undecodable job event"),
+            },
+            BoardMessage::Members(members) => self.on_members(members),
+            BoardMessage::WorkRequest {
+                from,
+                request,
+                reply,
+            } => {
+                if self.board.is_none() {
+                    let _ = reply.send(WorkResponse::NotCoordinator { hint: None });
+                    return;
+                }
+                let id = self.next_reply;
+                self.next_reply += 1;
+                self.replies.insert(id, reply);
+                self.input(Input::WorkRequest { id, from, request });
+                // The core answers every request at once; never keep a sender it did not.
+                if let Some(reply) = self.replies.remove(&id) {
+                    let _ = reply.send(WorkResponse::NotCoordinator { hint: None });
+                }
+            }
+            BoardMessage::WorkReply {
+                from,
+                request,
+                response,
+            } => self.input(Input::WorkReply {
+                from,
+                request,
+                response,
+            }),
+            BoardMessage::Render(RenderReport::Finished {
+                job,
+                task,
+                lease,
+                result,
+                stats,
+            }) => self.input(Input::TaskFinished {
+                job,
+                task,
+                lease,
+                result,
+                stats,
+            }),
+            BoardMessage::Render(RenderReport::Failed {
+                job,
+                task,
+                lease,
+                reason,
+            }) => self.input(Input::TaskFailed {
+                job,
+                task,
+                lease,
+                reason,
+            }),
+            BoardMessage::ResultHeld { hash, holder } => {
+                self.input(Input::ResultHeld { hash, holder })
+            }
+            BoardMessage::FetchFailed { hash, from } => {
+                self.input(Input::FetchFailed { hash, from })
+            }
+            BoardMessage::SyncEvents(events) => {
+                for event in events {
+                    self.input(Input::Event(event));
+                }
+            }
+            BoardMessage::Submit { spec, reply } => {
+                let now = self.now();
+                let result = match self.board.as_mut() {
+                    None => Err(BoardError::NotReady.to_string()),
+                    Some(board) => match board.submit(now, spec) {
+                        Ok((job, actions)) => {
+                            self.execute(actions);
+                            tracing::info!(%job, "job submitted");
+                            Ok(job)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
+                };
+                let _ = reply.send(result);
+            }
+            BoardMessage::Cancel { job, reply } => {
+                let now = self.now();
+                let result = match self.board.as_mut() {
+                    None => Err(BoardError::NotReady.to_string()),
+                    Some(board) => match board.cancel(now, job) {
+                        Ok(actions) => {
+                            self.execute(actions);
+                            tracing::info!(%job, "job cancelled");
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
+                };
+                let _ = reply.send(result);
+            }
+            BoardMessage::Jobs(reply) => {
+                if let Some(board) = &self.board {
+                    let _ = reply.send(board.jobs());
+                }
+            }
+            BoardMessage::Job { job, reply } => {
+                if let Some(board) = &self.board {
+                    let _ = reply.send(board.job(&job));
+                }
+            }
+            BoardMessage::Digests(reply) => {
+                if let Some(board) = &self.board {
+                    let digests = board
+                        .digests()
+                        .into_iter()
+                        .map(|(job, d)| (job, d.hash))
+                        .collect();
+                    let _ = reply.send(digests);
+                }
+            }
+            BoardMessage::Events { job, skip, reply } => {
+                if let Some(board) = &self.board {
+                    let _ = reply.send(page(board.events(&job), skip as usize));
+                }
+            }
+            BoardMessage::SyncTick => self.sync(),
+        }
+    }
+
+    fn on_members(&mut self, members: Vec<Member>) {
+        let me = self.keypair.public().to_peer_id();
+        self.live = members
+            .iter()
+            .filter(|m| m.live && m.peer != me)
+            .map(|m| m.peer)
+            .collect();
+        if self.self_roles.is_none() {
+            self.self_roles = members.iter().find(|m| m.peer == me).map(|m| m.roles);
+        }
+        if self.board.is_some() {
+            self.input(Input::Members(members));
+        } else {
+            self.pending_members = Some(members);
+            self.try_start();
+        }
+    }
+
+    /// Feeds the core and carries out what it asks for.
+    fn input(&mut self, input: Input) {
+        let now = self.now();
+        let Some(board) = self.board.as_mut() else {
+            return;
+        };
+        let actions = board.handle(now, input);
+        self.execute(actions);
+    }
+
+    fn execute(&mut self, actions: Vec<Action>) {
+        let mut to_persist = Vec::new();
+        for action in actions {
+            if let Action::Persist(event) = action {
+                to_persist.push(event);
+                continue;
+            }
+            self.persist(&mut to_persist);
+            match action {
+                Action::Persist(_) => {}
+                Action::Publish(event) => {
+                    let topic = event.body().topic();
+                    let bytes = event.signed().to_bytes();
+                    if let Some(job) = event.body().job() {
+                        let _ = self.changes.send(JobChange {
+                            job: job.to_string(),
+                        });
+                    }
+                    if self.publish.try_send((topic, bytes)).is_err() {
+                        tracing::warn!("gossip queue full: an event waits for anti-entropy");
+                    }
+                }
+                Action::SendWork { to, request } => {
+                    let streams = self.net_streams.clone();
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let response = request_once::<_, WorkResponse>(
+                            &streams,
+                            to,
+                            WORK_PROTOCOL,
+                            &request,
+                            MAX_WORK_BYTES,
+                            MAX_WORK_BYTES,
+                        )
+                        .await
+                        .inspect_err(
+                            |e| tracing::debug!(peer = %to, error = %e, "work request failed"),
+                        )
+                        .ok();
+                        let _ = tx
+                            .send(BoardMessage::WorkReply {
+                                from: to,
+                                request,
+                                response,
+                            })
+                            .await;
+                    });
+                }
+                Action::RespondWork { id, response } => {
+                    if let Some(reply) = self.replies.remove(&id) {
+                        let _ = reply.send(response);
+                    }
+                }
+                Action::StartTask {
+                    job,
+                    spec,
+                    task,
+                    lease,
+                } => {
+                    tracing::info!(%job, %task, epoch = lease.epoch, "task started");
+                    self.to_render(RenderMessage::Start {
+                        job,
+                        spec,
+                        task,
+                        lease,
+                    });
+                }
+                Action::StopTask { job, task, reason } => {
+                    tracing::info!(%job, %task, ?reason, "task stopped");
+                    self.to_render(RenderMessage::Stop { job, task });
+                }
+                Action::FetchResult { hash, from, .. } => {
+                    let blobs = self.blobs.clone();
+                    let tx = self.tx.clone();
+                    let me = self.keypair.public().to_peer_id();
+                    tokio::spawn(async move {
+                        let message = match blobs.fetch(hash, Some(from)).await {
+                            Ok(_) => BoardMessage::ResultHeld { hash, holder: me },
+                            Err(e) => {
+                                tracing::info!(%hash, peer = %from, error = %e, "result fetch failed");
+                                BoardMessage::FetchFailed { hash, from }
+                            }
+                        };
+                        let _ = tx.send(message).await;
+                    });
+                }
+                Action::ReplicateResult { hash, to, .. } => {
+                    let streams = self.net_streams.clone();
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let request = BoardRequest::Replicate { hash };
+                        let asked = tokio::time::timeout(
+                            REPLICATE_TIMEOUT,
+                            request_once::<_, BoardResponse>(
+                                &streams,
+                                to,
+                                BOARD_PROTOCOL,
+                                &request,
+                                MAX_BOARD_REQUEST_BYTES,
+                                MAX_BOARD_RESPONSE_BYTES,
+                            ),
+                        )
+                        .await;
+                        match asked {
+                            Ok(Ok(BoardResponse::Replicated)) => {
+                                let _ =
+                                    tx.send(BoardMessage::ResultHeld { hash, holder: to }).await;
+                            }
+                            other => {
+                                tracing::info!(%hash, peer = %to, ?other, "replication failed")
+                            }
+                        }
+                    });
+                }
+                Action::SyncJob { job, with } => {
+                    let streams = self.net_streams.clone();
+                    let tx = self.tx.clone();
+                    tokio::spawn(pull_events(streams, with, job, tx));
+                }
+                Action::JobFinished { job, status } => {
+                    tracing::info!(%job, ?status, "job finished");
+                    let _ = self.changes.send(JobChange {
+                        job: job.to_string(),
+                    });
+                }
+            }
+        }
+        self.persist(&mut to_persist);
+    }
+
+    /// Commits `events` in one transaction.
+    fn persist(&mut self, events: &mut Vec<blendnet_proto::VerifiedEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let result = (|| -> Result<(), redb::Error> {
+            let txn = self.database.begin_write()?;
+            {
+                let mut table = txn.open_table(EVENTS_TABLE)?;
+                for event in events.iter() {
+                    let id = event.id();
+                    table.insert(id.0.as_slice(), event.signed().to_bytes().as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::error!(error = %e, events = events.len(), "could not save job events");
+        }
+        events.clear();
+    }
+
+    fn to_render(&self, message: RenderMessage) {
+        let render = self.render.clone();
+        // The board starts one task at a time and stops it at most once, so the render inbox
+        // never holds many; sending from a task keeps this loop from waiting on it.
+        tokio::spawn(async move {
+            if !render.send(message).await {
+                tracing::error!("the render actor has stopped");
+            }
+        });
+    }
+
+    /// Anti-entropy with one random live member.
+    fn sync(&self) {
+        if self.board.is_none() || self.live.is_empty() {
+            return;
+        }
+        let with = self.live[rand::random_range(0..self.live.len())];
+        let streams = self.net_streams.clone();
+        let tx = self.tx.clone();
+        let ours: HashMap<JobId, [u8; 32]> = self
+            .board
+            .as_ref()
+            .map(|b| b.digests().into_iter().map(|(j, d)| (j, d.hash)).collect())
+            .unwrap_or_default();
+        tokio::spawn(async move {
+            let theirs = request_once::<_, BoardResponse>(
+                &streams,
+                with,
+                BOARD_PROTOCOL,
+                &BoardRequest::Digests,
+                MAX_BOARD_REQUEST_BYTES,
+                MAX_BOARD_RESPONSE_BYTES,
+            )
+            .await;
+            let Ok(BoardResponse::Digests(theirs)) = theirs else {
+                return;
+            };
+            for (job, digest) in theirs {
+                if ours.get(&job) != Some(&digest) {
+                    pull_events(streams.clone(), with, job, tx.clone()).await;
+                }
+            }
+        });
+    }
+}
+
+/// A page of `events` from `skip`, cut at [`MAX_EVENTS_PER_PAGE`] events or about
+/// [`MAX_BOARD_RESPONSE_BYTES`] / 2 bytes; and whether more follow.
+fn page(events: &[blendnet_proto::VerifiedEvent], skip: usize) -> (Vec<SignedEvent>, bool) {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for event in events.iter().skip(skip) {
+        let signed = event.signed();
+        bytes += signed.body.len() + signed.signature.len() + 64;
+        if out.len() == MAX_EVENTS_PER_PAGE || bytes > MAX_BOARD_RESPONSE_BYTES / 2 {
+            return (out, true);
+        }
+        out.push(signed.clone());
+    }
+    (out, false)
+}
+
+/// Pulls every event of `job` from `with`, a page at a time, into the board.
+async fn pull_events(streams: Streams, with: PeerId, job: JobId, tx: mpsc::Sender<BoardMessage>) {
+    let mut skip = 0u32;
+    loop {
+        let response = request_once::<_, BoardResponse>(
+            &streams,
+            with,
+            BOARD_PROTOCOL,
+            &BoardRequest::Events { job, skip },
+            MAX_BOARD_REQUEST_BYTES,
+            MAX_BOARD_RESPONSE_BYTES,
+        )
+        .await;
+        let Ok(BoardResponse::Events { events, more }) = response else {
+            return;
+        };
+        let count = events.len() as u32;
+        if tx.send(BoardMessage::SyncEvents(events)).await.is_err() || !more || count == 0 {
+            return;
+        }
+        skip = skip.saturating_add(count);
+    }
+}
+
+/// Sends one request on a new stream of `protocol` and reads one response, retrying a stream
+/// that could not be opened or was dropped before answering.
+async fn request_once<Req: Serialize, Resp: DeserializeOwned>(
+    streams: &Streams,
+    peer: PeerId,
+    protocol: &'static str,
+    request: &Req,
+    request_limit: usize,
+    response_limit: usize,
+) -> std::io::Result<Resp> {
+    let mut last = None;
+    for attempt in 0..STREAM_TRIES {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
+        let exchange = async {
+            let mut stream = streams.open(peer, protocol).await?;
+            write_frame(&mut stream, request, request_limit).await?;
+            stream.flush().await?;
+            read_frame::<_, Resp>(&mut stream, response_limit).await
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Ok(Ok(response)) => return Ok(response),
+            // A response that does not decode will not decode the next time either.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => return Err(e),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::ErrorKind::Other.into()))
+}
+
+/// Answers `/blendnet/work/1` streams: one request, one response each.
+async fn serve_work(mut incoming: blendnet_net::Incoming, board: Board) {
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let board = board.clone();
+        tokio::spawn(async move {
+            let served = async {
+                let request: WorkRequest = read_frame(&mut stream, MAX_WORK_BYTES).await?;
+                let response = board
+                    .ask(|reply| BoardMessage::WorkRequest {
+                        from: peer,
+                        request,
+                        reply,
+                    })
+                    .await
+                    .unwrap_or(WorkResponse::NotCoordinator { hint: None });
+                write_frame(&mut stream, &response, MAX_WORK_BYTES).await?;
+                stream.close().await
+            };
+            if let Ok(Err(e)) = tokio::time::timeout(REQUEST_TIMEOUT, served).await {
+                tracing::debug!(%peer, error = %e, "work stream failed");
+            }
+        });
+    }
+}
+
+/// Answers `/blendnet/board/1` streams: digests, pages of events, replication.
+async fn serve_board(mut incoming: blendnet_net::Incoming, board: Board, blobs: Blobs) {
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let board = board.clone();
+        let blobs = blobs.clone();
+        tokio::spawn(async move {
+            let served = async {
+                let request: BoardRequest =
+                    read_frame(&mut stream, MAX_BOARD_REQUEST_BYTES).await?;
+                let response = match request {
+                    BoardRequest::Digests => match board.ask(BoardMessage::Digests).await {
+                        Ok(digests) => BoardResponse::Digests(digests),
+                        Err(e) => BoardResponse::Refused(e.to_string()),
+                    },
+                    BoardRequest::Events { job, skip } => {
+                        match board
+                            .ask(|reply| BoardMessage::Events { job, skip, reply })
+                            .await
+                        {
+                            Ok((events, more)) => BoardResponse::Events { events, more },
+                            Err(e) => BoardResponse::Refused(e.to_string()),
+                        }
+                    }
+                    BoardRequest::Replicate { hash } => match blobs.fetch(hash, Some(peer)).await {
+                        Ok(_) => BoardResponse::Replicated,
+                        Err(e) => BoardResponse::Refused(e.to_string()),
+                    },
+                };
+                write_frame(&mut stream, &response, MAX_BOARD_RESPONSE_BYTES).await?;
+                stream.close().await
+            };
+            if let Ok(Err(e)) = tokio::time::timeout(REPLICATE_TIMEOUT, served).await {
+                tracing::debug!(%peer, error = %e, "board stream failed");
+            }
+        });
+    }
+}
+
+/// Publishes gossip in order, off the actor's loop.
+async fn publisher(net: Net, mut queue: mpsc::Receiver<(Topic, Vec<u8>)>) {
+    while let Some((topic, bytes)) = queue.recv().await {
+        match net.publish(topic, bytes).await {
+            Ok(Ok(())) => {}
+            // Nobody subscribed yet, or a full queue: anti-entropy carries it later.
+            Ok(Err(e)) => tracing::debug!(error = %e, "job event not gossiped"),
+            Err(_) => return,
+        }
+    }
+}
+
+async fn forward_reports(
+    mut reports: mpsc::Receiver<RenderReport>,
+    tx: mpsc::Sender<BoardMessage>,
+) {
+    while let Some(report) = reports.recv().await {
+        if tx.send(BoardMessage::Render(report)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads the members from the network actor every [`MEMBERS_EVERY`] and hands them over when
+/// they change.
+async fn poll_members(
+    net: Net,
+    tx: mpsc::Sender<BoardMessage>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last: Option<Vec<Member>> = None;
+    let mut tick = tokio::time::interval(MEMBERS_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(peers) = net.peers().await else {
+            return;
+        };
+        let members: Vec<Member> = peers
+            .iter()
+            .filter_map(|p| {
+                Some(Member {
+                    peer: p.peer_id.parse().ok()?,
+                    roles: p.roles.join(",").parse().ok()?,
+                    live: p.online,
+                    renders: p
+                        .capabilities
+                        .as_ref()
+                        .is_some_and(|c| c.render && c.blender.is_some()),
+                })
+            })
+            .collect();
+        if last.as_ref() != Some(&members) {
+            last = Some(members.clone());
+            if tx.send(BoardMessage::Members(members)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn sync_ticks(tx: mpsc::Sender<BoardMessage>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SYNC_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if tx.send(BoardMessage::SyncTick).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Every saved event.
+fn load_events(database: &redb::Database) -> Result<Vec<SignedEvent>, redb::Error> {
+    let txn = database.begin_read()?;
+    let table = match txn.open_table(EVENTS_TABLE) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut events = Vec::new();
+    for entry in table.iter()? {
+        let (_, value) = entry?;
+        match SignedEvent::from_bytes(value.value()) {
+            Ok(event) => events.push(event),
+            Err(e) => tracing::warn!(error = %e, "a saved job event does not decode; skipped"),
+        }
+    }
+    Ok(events)
+}

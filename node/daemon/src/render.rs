@@ -1,0 +1,340 @@
+//! The render actor: renders the tasks the job board starts, one at a time, each job on its
+//! own persistent Blender ([`blendnet_render::Worker`]).
+//!
+//! ```text
+//!  board ── RenderMessage::Start{job, spec, task, lease} ──▶ RenderActor
+//!                                                              │ 1. fetch the scene's manifest and files,
+//!                                                              │    materialize them in <data>/work/<job>/scene
+//!                                                              │ 2. a Blender with the scene loaded (kept
+//!                                                              │    for the job's next task)
+//!                                                              │ 3. render, import the outputs as a manifest
+//!  board ◀── RenderReport::{Finished{result}, Failed{reason}} ─┘
+//! ```
+//!
+//! `Stop` kills Blender at once (cancellation within a second); a crashed or hung Blender is
+//! reported as a failed task and a fresh one is started for the next task. A task's log (what
+//! happened, and Blender's last lines on a failure) is kept in `<data>/work/<job>/logs/`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use blendnet_proto::{BlobHash, JobId, JobSpec, Lease, TaskSpec, TaskStats};
+use blendnet_render::{RenderError, RenderTask, SliceMode, Worker};
+use tokio::sync::mpsc;
+
+use crate::blobs::Blobs;
+
+/// Messages waiting for the render actor: the board sends a start or a stop now and then.
+const INBOX: usize = 16;
+
+/// A message for the render actor.
+#[derive(Debug)]
+pub enum RenderMessage {
+    /// Render `task` (the board renders one task at a time).
+    Start {
+        job: JobId,
+        spec: Arc<JobSpec>,
+        task: TaskSpec,
+        lease: Lease,
+    },
+    /// Stop rendering `task` of `job`, if it is the one running; report nothing.
+    Stop { job: JobId, task: TaskSpec },
+    /// The Blender to render with (found after start-up), or none.
+    SetBlender(Option<PathBuf>),
+}
+
+/// What became of a started task.
+#[derive(Debug, Clone)]
+pub enum RenderReport {
+    Finished {
+        job: JobId,
+        task: TaskSpec,
+        lease: Lease,
+        /// A manifest of the task's outputs (`frame_NNNNNN.exr`).
+        result: BlobHash,
+        stats: TaskStats,
+    },
+    Failed {
+        job: JobId,
+        task: TaskSpec,
+        lease: Lease,
+        reason: String,
+    },
+}
+
+/// The handle: cloneable, sends to the actor.
+#[derive(Debug, Clone)]
+pub struct Render {
+    tx: mpsc::Sender<RenderMessage>,
+}
+
+impl Render {
+    /// Starts the actor; reports go to `reports`.
+    pub fn spawn(work_dir: PathBuf, blobs: Blobs, reports: mpsc::Sender<RenderReport>) -> Render {
+        let (tx, inbox) = mpsc::channel(INBOX);
+        let actor = RenderActor {
+            work_dir,
+            blobs,
+            reports,
+            inbox,
+            blender: None,
+            worker: None,
+            next_id: 1,
+        };
+        tokio::spawn(actor.run());
+        Render { tx }
+    }
+
+    /// Sends a message; false when the actor has stopped.
+    pub async fn send(&self, message: RenderMessage) -> bool {
+        self.tx.send(message).await.is_ok()
+    }
+}
+
+/// The Blender kept for a job.
+#[derive(Debug)]
+struct JobWorker {
+    job: JobId,
+    worker: Worker,
+}
+
+struct RenderActor {
+    work_dir: PathBuf,
+    blobs: Blobs,
+    reports: mpsc::Sender<RenderReport>,
+    inbox: mpsc::Receiver<RenderMessage>,
+    blender: Option<PathBuf>,
+    worker: Option<JobWorker>,
+    next_id: u64,
+}
+
+/// What one task needs from the actor, owned, so the render can run while the actor watches
+/// its inbox for a stop.
+struct TaskContext {
+    blobs: Blobs,
+    work_dir: PathBuf,
+    blender: Option<PathBuf>,
+    id: u64,
+}
+
+type Outcome = Result<(BlobHash, TaskStats), String>;
+
+impl RenderActor {
+    async fn run(mut self) {
+        while let Some(message) = self.inbox.recv().await {
+            let (job, spec, task, lease) = match message {
+                RenderMessage::SetBlender(path) => {
+                    self.blender = path;
+                    continue;
+                }
+                RenderMessage::Stop { .. } => continue, // Nothing runs between tasks.
+                RenderMessage::Start {
+                    job,
+                    spec,
+                    task,
+                    lease,
+                } => (job, spec, task, lease),
+            };
+            let context = TaskContext {
+                blobs: self.blobs.clone(),
+                work_dir: self.work_dir.clone(),
+                blender: self.blender.clone(),
+                id: self.next_id,
+            };
+            self.next_id += 1;
+            let render = run_task(context, self.worker.take(), job, spec, task);
+            tokio::pin!(render);
+            // Render, while watching the inbox for a stop of this task. Dropping the render
+            // drops its Blender, which kills it.
+            let finished = loop {
+                tokio::select! {
+                    finished = &mut render => break Some(finished),
+                    message = self.inbox.recv() => match message {
+                        Some(RenderMessage::Stop { job: j, task: t }) if j == job && t == task => {
+                            break None;
+                        }
+                        Some(RenderMessage::SetBlender(path)) => self.blender = path,
+                        Some(other) => tracing::warn!(?other, "render message while busy: dropped"),
+                        None => break None,
+                    },
+                }
+            };
+            let Some((worker, outcome)) = finished else {
+                tracing::info!(%job, %task, "task stopped; its Blender was killed");
+                continue;
+            };
+            self.worker = worker;
+            let report = match outcome {
+                Ok((result, stats)) => RenderReport::Finished {
+                    job,
+                    task,
+                    lease,
+                    result,
+                    stats,
+                },
+                Err(reason) => {
+                    tracing::warn!(%job, %task, %reason, "task failed");
+                    RenderReport::Failed {
+                        job,
+                        task,
+                        lease,
+                        reason,
+                    }
+                }
+            };
+            if self.reports.send(report).await.is_err() {
+                break;
+            }
+        }
+        if let Some(old) = self.worker.take() {
+            old.worker.quit().await;
+        }
+    }
+}
+
+/// Renders one task, reusing `worker` when it holds this job's scene. Returns the Blender to
+/// keep (none after a crash or a failed start) and the outcome.
+async fn run_task(
+    context: TaskContext,
+    worker: Option<JobWorker>,
+    job: JobId,
+    spec: Arc<JobSpec>,
+    task: TaskSpec,
+) -> (Option<JobWorker>, Outcome) {
+    let Some(blender) = context.blender else {
+        return (worker, Err("this peer has no usable Blender".into()));
+    };
+    let job_dir = context.work_dir.join(job.to_string());
+    let (mut kept, blender_start_ms) = match worker {
+        Some(w) if w.job == job => (w, 0),
+        other => {
+            if let Some(old) = other {
+                old.worker.quit().await;
+            }
+            let started = Instant::now();
+            match start_worker(&context.blobs, &blender, &job_dir, &spec).await {
+                Ok(worker) => (
+                    JobWorker { job, worker },
+                    started.elapsed().as_millis() as u64,
+                ),
+                Err(reason) => return (None, Err(reason)),
+            }
+        }
+    };
+
+    let out_dir = job_dir.join("out").join(format!(
+        "f{}+{}-s{}+{}",
+        task.frame_start, task.frame_count, task.sample_offset, task.samples
+    ));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    if let Err(e) = std::fs::create_dir_all(&out_dir) {
+        return (Some(kept), Err(format!("{}: {e}", out_dir.display())));
+    }
+    let render_task = RenderTask {
+        id: context.id,
+        mode: if spec.splits_samples() {
+            SliceMode::Slice
+        } else {
+            SliceMode::Frames
+        },
+        frames: task.frames().map(|f| f as i32).collect(),
+        samples: task.samples,
+        sample_offset: task.sample_offset,
+        output_dir: out_dir.clone(),
+        allow_missing: false,
+    };
+    let started = Instant::now();
+    let rendered = kept.worker.render(&render_task, |_| {}).await;
+    write_task_log(&job_dir, &task, started, &rendered, &kept.worker.log_tail());
+    let done = match rendered {
+        Ok(done) => done,
+        Err(e) => {
+            // After a crash or a hang the process is gone: the next task starts a new one.
+            let dead = matches!(e, RenderError::Crashed { .. } | RenderError::Hung(_));
+            return ((!dead).then_some(kept), Err(e.to_string()));
+        }
+    };
+    let stats = TaskStats {
+        render_ms: done.render_ms,
+        samples: task.samples,
+        blender_start_ms,
+        peak_memory_bytes: 0,
+    };
+    let imported = context.blobs.add(vec![out_dir.clone()]).await;
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let result = imported
+        .map_err(|e| format!("storing the result: {e}"))
+        .and_then(|view| {
+            view.hash
+                .parse::<BlobHash>()
+                .map_err(|e| format!("storing the result: {e}"))
+        });
+    (Some(kept), result.map(|hash| (hash, stats)))
+}
+
+/// The file a task's log is kept in.
+pub fn task_log_path(job_dir: &Path, task: &TaskSpec) -> PathBuf {
+    job_dir.join("logs").join(format!(
+        "f{}+{}-s{}+{}.log",
+        task.frame_start, task.frame_count, task.sample_offset, task.samples
+    ))
+}
+
+/// Keeps what happened to a task, with Blender's last lines, in `<job_dir>/logs/`.
+fn write_task_log(
+    job_dir: &Path,
+    task: &TaskSpec,
+    started: Instant,
+    outcome: &Result<blendnet_render::Done, RenderError>,
+    blender_log: &str,
+) {
+    let path = task_log_path(job_dir, task);
+    let result = match outcome {
+        Ok(done) => format!(
+            "done in {} ms: {} output(s)",
+            done.render_ms,
+            done.outputs.len()
+        ),
+        Err(e) => format!("failed: {e}"),
+    };
+    let text = format!(
+        "{task}\n{result} ({:.1} s in all)\n--- Blender's last lines ---\n{blender_log}\n",
+        started.elapsed().as_secs_f64()
+    );
+    let written =
+        std::fs::create_dir_all(job_dir.join("logs")).and_then(|()| std::fs::write(&path, text));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot keep the task's log");
+    }
+}
+
+/// Fetches the job's scene into `<job_dir>/scene` and starts Blender on its `.blend`.
+async fn start_worker(
+    blobs: &Blobs,
+    blender: &Path,
+    job_dir: &Path,
+    spec: &JobSpec,
+) -> Result<Worker, String> {
+    let scene_dir = job_dir.join("scene");
+    blobs
+        .get(spec.scene, scene_dir.clone(), None)
+        .await
+        .map_err(|e| format!("fetching the scene: {e}"))?;
+    // The spec's path was checked to be relative and inside the manifest when it was accepted;
+    // check again here, where it meets the disk.
+    let relative = Path::new(&spec.blend_path);
+    if relative.is_absolute()
+        || relative
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(format!(
+            "the scene path {:?} is not a plain relative path",
+            spec.blend_path
+        ));
+    }
+    Worker::start(blender, &scene_dir.join(relative), job_dir)
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,253 @@
+//! No manager, nothing lost: real daemons on loopback run jobs while their processes are
+//! killed, with a renderer of known duration (`tests/fake-blender/blender`, test code that
+//! speaks the worker protocol in place of Blender).
+//!
+//! The stand-in logs every task it renders to a file the test reads, so the tests can say not
+//! only that a job finished but which work was done twice.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use blendnet_tests::{Node, e2e, eventually, online_peers};
+use serde_json::Value;
+
+/// The renderer of known duration.
+const FAKE_BLENDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fake-blender/blender");
+/// Members must see each other this soon.
+const ONLINE_WITHIN: Duration = Duration::from_secs(15);
+/// A job of the sizes used here finishes well within this on a loaded 2-core machine, even
+/// after a takeover (3 s) and the lapse of a dead worker's lease (30 s).
+const JOB_WITHIN: Duration = Duration::from_secs(150);
+
+/// A founder and `n` members joined by invite, all rendering with the stand-in, all online.
+fn mesh(n: usize) -> Result<Vec<Node>> {
+    let (mut a, _) = Node::init("a")?;
+    a.up(&["--blender", FAKE_BLENDER])?;
+    let mut nodes = vec![a];
+    for i in 0..n {
+        let mut node = Node::new(&format!("{}", (b'b' + i as u8) as char))?;
+        node.cli_ok(&["join", &nodes[0].invite(&[])?])?;
+        node.up(&["--blender", FAKE_BLENDER])?;
+        nodes.push(node);
+    }
+    let ids: Vec<String> = nodes.iter().map(Node::peer_id).collect::<Result<_>>()?;
+    eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
+        for (node, me) in nodes.iter().zip(&ids) {
+            let online = online_peers(&node.peers()?)?;
+            for id in ids.iter().filter(|id| *id != me) {
+                ensure!(online.contains(id), "{} does not see {id} yet", node.name());
+            }
+        }
+        Ok(())
+    })?;
+    Ok(nodes)
+}
+
+/// A "scene" for the stand-in, added to `node`'s store; returns its manifest hash and the
+/// path of the render log.
+fn scene(node: &Node, ms_per_sample: u32) -> Result<(String, PathBuf)> {
+    let dir = node.data_dir().with_file_name("scene");
+    fs::create_dir_all(&dir)?;
+    let log = node.data_dir().with_file_name("renders.log");
+    let config = serde_json::json!({ "ms_per_sample": ms_per_sample, "log": log });
+    fs::write(dir.join("scene.blend"), config.to_string())?;
+    let hash = node.cli_ok(&["store", "add", dir.to_str().context("path")?])?;
+    Ok((hash.trim().to_owned(), log))
+}
+
+/// Submits from `node`; returns the job id.
+fn submit(node: &Node, hash: &str, frames: &str, samples: u32, split: &str) -> Result<String> {
+    let samples = samples.to_string();
+    let args = [
+        "submit",
+        hash,
+        "--blend",
+        "scene.blend",
+        "--frames",
+        frames,
+        "--samples",
+        &samples,
+        "--split",
+        split,
+    ];
+    let out = node.cli_ok(&args)?;
+    Ok(out.trim().to_owned())
+}
+
+/// `status JOB --json` on `node`.
+fn job(node: &Node, id: &str) -> Result<Value> {
+    node.cli_json(&["status", id, "--json"])
+}
+
+/// The job's state as one word (`Active`, `Done`, `Cancelled`, `Failed`).
+fn state(view: &Value) -> String {
+    match &view["summary"]["status"] {
+        Value::String(s) => s.clone(),
+        Value::Object(map) => map.keys().next().cloned().unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// Frame-samples done, out of all.
+fn progress(view: &Value) -> (u64, u64) {
+    let n = |k: &str| view["summary"][k].as_u64().unwrap_or(0);
+    (n("done_units"), n("total_units"))
+}
+
+/// The coordinator's (epoch, peer id), if any.
+fn coordinator(view: &Value) -> Option<(u64, String)> {
+    let c = view["summary"]["coordinator"].as_array()?;
+    Some((c.first()?.as_u64()?, c.get(1)?.as_str()?.to_owned()))
+}
+
+/// Waits until `node` reports the job done.
+fn wait_done(node: &Node, id: &str, within: Duration) -> Result<Value> {
+    eventually(within, Duration::from_millis(500), || {
+        let view = job(node, id)?;
+        ensure!(
+            state(&view) == "Done",
+            "job is {} at {:?}",
+            state(&view),
+            progress(&view)
+        );
+        Ok(view)
+    })
+}
+
+/// Every render the stand-in logged: (first frame, frames, sample offset, samples) → count.
+fn renders(log: &Path) -> Result<BTreeMap<(u32, u32, u32, u32), u32>> {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let f: Vec<u32> = line
+            .split_whitespace()
+            .skip(1)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("bad log line {line:?}"))?;
+        ensure!(f.len() == 4, "bad log line {line:?}");
+        *out.entry((f[0], f[1], f[2], f[3])).or_default() += 1;
+    }
+    Ok(out)
+}
+
+/// Every frame of `frames` rendered whole, as the job's done tasks say.
+fn covered_frames(view: &Value) -> Vec<u64> {
+    let mut frames = Vec::new();
+    for task in view["tasks"].as_array().into_iter().flatten() {
+        let done = task["state"].get("Done").is_some();
+        if done && task["in_cover"].as_bool() == Some(true) {
+            let start = task["task"]["frame_start"].as_u64().unwrap_or(0);
+            let count = task["task"]["frame_count"].as_u64().unwrap_or(0);
+            frames.extend(start..start + count);
+        }
+    }
+    frames.sort_unstable();
+    frames
+}
+
+#[test]
+fn a_job_is_rendered_across_the_mesh_and_every_frame_once() {
+    e2e(|| {
+        let nodes = mesh(2)?;
+        let (hash, log) = scene(&nodes[0], 2)?;
+        // 12 frames of 100 samples at 2 ms a sample: 0.2 s a task.
+        let id = submit(&nodes[0], &hash, "1-12", 100, "frames")?;
+        let view = wait_done(&nodes[0], &id, JOB_WITHIN)?;
+        assert_eq!(covered_frames(&view), (1..=12).collect::<Vec<_>>());
+        assert_eq!(progress(&view), (1200, 1200));
+        // Every peer converged on the same outcome.
+        for node in &nodes[1..] {
+            wait_done(node, &id, Duration::from_secs(30))?;
+        }
+        let rendered = renders(&log)?;
+        let frames: u32 = rendered.keys().map(|k| k.1).sum();
+        assert!(
+            frames >= 12,
+            "the stand-in rendered only {frames} frames: {rendered:?}"
+        );
+        // Nobody died: the only extra work allowed is a straggler's backup copy.
+        let twice: Vec<_> = rendered.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.len() <= 2, "tasks rendered more than once: {twice:?}");
+        Ok(())
+    });
+}
+
+#[test]
+fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
+    e2e(|| {
+        let mut nodes = mesh(2)?;
+        let (hash, log) = scene(&nodes[0], 10)?;
+        // 16 frames of 100 samples at 10 ms a sample: 1 s a task, about 6 s on three peers.
+        let id = submit(&nodes[0], &hash, "1-16", 100, "frames")?;
+        let a = nodes[0].peer_id()?;
+        // The submitter coordinates first; kill it once some work is done.
+        eventually(Duration::from_secs(60), Duration::from_millis(200), || {
+            let view = job(&nodes[1], &id)?;
+            ensure!(
+                coordinator(&view).is_some_and(|(_, p)| p == a),
+                "{:?}",
+                coordinator(&view)
+            );
+            ensure!(progress(&view).0 >= 200, "progress {:?}", progress(&view));
+            Ok(())
+        })?;
+        let killed_at = Instant::now();
+        nodes[0].kill()?;
+        let view = wait_done(&nodes[1], &id, JOB_WITHIN)?;
+        let (epoch, peer) = coordinator(&view).context("no coordinator")?;
+        assert!(
+            epoch >= 2,
+            "the job finished in epoch {epoch}: nobody took over"
+        );
+        assert_ne!(peer, a, "the dead submitter still coordinates");
+        assert_eq!(covered_frames(&view), (1..=16).collect::<Vec<_>>());
+        wait_done(&nodes[2], &id, Duration::from_secs(30))?;
+        eprintln!(
+            "job done {:.1} s after the coordinator was killed",
+            killed_at.elapsed().as_secs_f64()
+        );
+        let rendered = renders(&log)?;
+        let frames: u32 = rendered.keys().map(|k| k.1).sum();
+        assert!(frames >= 16, "rendered {rendered:?}");
+        Ok(())
+    });
+}
+
+#[test]
+fn killing_every_peer_and_restarting_them_resumes_the_job() {
+    e2e(|| {
+        let mut nodes = mesh(2)?;
+        let (hash, log) = scene(&nodes[0], 10)?;
+        let id = submit(&nodes[0], &hash, "1-18", 100, "frames")?;
+        eventually(Duration::from_secs(60), Duration::from_millis(200), || {
+            let (done, _) = progress(&job(&nodes[0], &id)?);
+            ensure!(done >= 300, "done {done}");
+            Ok(())
+        })?;
+        for node in nodes.iter_mut() {
+            node.kill()?;
+        }
+        let before = renders(&log)?;
+        // What was done when everything died (the log may hold a task or two rendered after
+        // the last state the board committed; those may be rendered again).
+        for node in nodes.iter_mut() {
+            node.start_again()?;
+        }
+        let view = wait_done(&nodes[0], &id, JOB_WITHIN)?;
+        assert_eq!(covered_frames(&view), (1..=18).collect::<Vec<_>>());
+        let after = renders(&log)?;
+        let redone: Vec<_> = before.keys().filter(|k| after[*k] > before[*k]).collect();
+        // Only work that was in flight (at most one task per peer) or finished but not yet
+        // replicated when the peers died is rendered again.
+        assert!(
+            redone.len() <= 2 * nodes.len(),
+            "{} tasks finished before the kill were rendered again: {redone:?}",
+            redone.len()
+        );
+        Ok(())
+    });
+}
