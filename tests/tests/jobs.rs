@@ -172,6 +172,31 @@ fn a_job_is_rendered_across_the_mesh_and_every_frame_once() {
         // Nobody died: the only extra work allowed is a straggler's backup copy.
         let twice: Vec<_> = rendered.iter().filter(|(_, n)| **n > 1).collect();
         assert!(twice.len() <= 2, "tasks rendered more than once: {twice:?}");
+
+        // A scene made with another Blender is left alone, and `status` says why.
+        let renders_before = renders(&log)?.values().sum::<u32>();
+        let out = nodes[0].cli_ok(&[
+            "submit",
+            &hash,
+            "--blend",
+            "scene.blend",
+            "--frames",
+            "1-2",
+            "--samples",
+            "10",
+            "--blender-version",
+            "9.9",
+        ])?;
+        let other = out.trim();
+        std::thread::sleep(Duration::from_secs(3));
+        let text = nodes[0].cli_ok(&["status", other])?;
+        assert!(text.contains("no online peer has Blender 9.9"), "{text}");
+        assert_eq!(state(&job(&nodes[0], other)?), "Active");
+        assert_eq!(
+            renders(&log)?.values().sum::<u32>(),
+            renders_before,
+            "nothing rendered it"
+        );
         Ok(())
     });
 }
@@ -184,6 +209,19 @@ fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
         // 16 frames of 100 samples at 10 ms a sample: 1 s a task, about 6 s on three peers.
         let id = submit(&nodes[0], &hash, "1-16", 100, "frames")?;
         let a = nodes[0].peer_id()?;
+        // While it renders, every peer's status shows what the others render, samples too.
+        eventually(Duration::from_secs(30), Duration::from_millis(200), || {
+            let peers = nodes[0].peers()?;
+            let busy = peers.as_array().into_iter().flatten().any(|p| {
+                p["is_self"] == false
+                    && p["rendering"]["job"] == id.as_str()
+                    && p["rendering"]["samples_done"]
+                        .as_u64()
+                        .is_some_and(|n| n > 0)
+            });
+            ensure!(busy, "no peer shows progress on {id}: {peers}");
+            Ok(())
+        })?;
         // The submitter coordinates first; kill it once some work is done.
         eventually(Duration::from_secs(60), Duration::from_millis(200), || {
             let view = job(&nodes[1], &id)?;

@@ -180,3 +180,51 @@ fn a_blender_killed_mid_task_fails_that_task_and_the_next_one_runs() {
         Ok(())
     });
 }
+
+#[test]
+fn cancelling_a_job_stops_its_blender_within_seconds() {
+    e2e(|| {
+        let (mut a, _) = Node::init("a")?;
+        let blender = blender();
+        a.up(&["--blender", blender.to_str().context("path")?])?;
+        // Far too many samples to finish: it must be stopped.
+        let dir = scene_dir(&a, "endless");
+        blender_scene(&dir, "shot", "scene.render.resolution_x = 64")?;
+        let job = submit(&a, &add(&a, &dir)?, "shot.blend", "1000000")?;
+        let worker_pid = eventually(Duration::from_secs(60), Duration::from_millis(100), || {
+            let out = std::process::Command::new("pgrep")
+                .args(["-f", "-n", r"\.blendnet-worker\.py"])
+                .output()?;
+            ensure!(out.status.success(), "no Blender worker yet");
+            let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+            // Rendering, not loading: its task log does not exist yet, but the job shows a
+            // lease on the task.
+            let view = a.cli_json(&["status", &job, "--json"])?;
+            ensure!(
+                view["tasks"].as_array().is_some_and(|t| !t.is_empty()),
+                "no task granted yet"
+            );
+            Ok(pid)
+        })?;
+        std::thread::sleep(Duration::from_secs(1));
+        ensure!(
+            Path::new(&format!("/proc/{worker_pid}")).exists(),
+            "Blender ended by itself"
+        );
+        let cancelled = std::time::Instant::now();
+        a.cli_ok(&["cancel", &job])?;
+        eventually(Duration::from_secs(5), Duration::from_millis(50), || {
+            let status = fs::read_to_string(format!("/proc/{worker_pid}/stat"));
+            // Gone, or a zombie about to be reaped.
+            ensure!(
+                status.is_err() || status.is_ok_and(|s| s.contains(") Z")),
+                "Blender {worker_pid} still runs"
+            );
+            Ok(())
+        })?;
+        eprintln!("Blender stopped {:?} after the cancel", cancelled.elapsed());
+        let (state, _) = outcome(&a, &job)?;
+        assert_eq!(state, "Cancelled");
+        Ok(())
+    });
+}

@@ -303,6 +303,9 @@ pub struct JobSummary {
     /// Frame-samples done over frame-samples in all.
     pub done_units: u64,
     pub total_units: u64,
+    /// Some slice was rendered by a Blender without `sample_offset`, with a seed of its own:
+    /// the merged frame will be statistically, not exactly, equal to a local render.
+    pub seeded: bool,
 }
 
 /// One frame's progress.
@@ -1194,6 +1197,10 @@ fn summary(entry: &Entry) -> JobSummary {
         coordinator: job.claim(),
         done_units: progress.iter().map(|(_, d, _)| d).sum(),
         total_units: progress.iter().map(|(_, _, t)| t).sum(),
+        seeded: job
+            .tasks()
+            .values()
+            .any(|t| t.reports().any(|r| r.stats.seeded)),
     }
 }
 

@@ -86,6 +86,10 @@ pub struct SubmitRequest {
     /// Frames per task when split by frames (default 1).
     #[serde(default)]
     pub frames_per_task: Option<u32>,
+    /// The Blender the scene was made with, `major.minor` (default: this node's Blender);
+    /// only peers with the same major.minor render it.
+    #[serde(default)]
+    pub blender: Option<String>,
 }
 
 /// A job's id, as submitted or cancelled.

@@ -58,6 +58,13 @@ const PUBLISH_QUEUE: usize = 4096;
 /// Changes waiting for API event-stream subscribers; a slow subscriber misses the oldest.
 const CHANGES: usize = 256;
 
+/// How long an API request waits for the board to start (it needs this node's roles and
+/// capabilities; a node not yet in a mesh never starts one).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// API requests kept while the board starts: a few callers at once at most.
+const MAX_WAITING_REQUESTS: usize = 64;
+
 /// How often the members (roster, liveness, who renders) are read from the network actor.
 pub const MEMBERS_EVERY: Duration = Duration::from_secs(1);
 
@@ -187,6 +194,7 @@ impl Board {
             offer: setup.offer,
             self_roles: None,
             pending_members: None,
+            waiting: Vec::new(),
             net_streams: setup.streams,
             blobs: setup.blobs,
             render: setup.render,
@@ -223,7 +231,10 @@ impl Board {
             .send(make(reply))
             .await
             .map_err(|_| BoardError::Stopped)?;
-        rx.await.map_err(|_| BoardError::NotReady)
+        match tokio::time::timeout(READY_TIMEOUT, rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            _ => Err(BoardError::NotReady),
+        }
     }
 
     /// Submits a job from this node.
@@ -256,6 +267,8 @@ struct BoardActor {
     self_roles: Option<Roles>,
     /// Members seen before the core board existed.
     pending_members: Option<Vec<Member>>,
+    /// API requests that came before the core board existed.
+    waiting: Vec<BoardMessage>,
     net_streams: Streams,
     blobs: Blobs,
     render: Render,
@@ -342,12 +355,32 @@ impl BoardActor {
                 } else {
                     self.input(Input::Tick);
                 }
+                for message in std::mem::take(&mut self.waiting) {
+                    self.on_message(message);
+                }
             }
             Err(e) => tracing::error!(error = %e, "cannot start the job board"),
         }
     }
 
     fn on_message(&mut self, message: BoardMessage) {
+        // Requests from the API wait for the board (a second or two after start-up) rather
+        // than fail: a script that starts a daemon and submits at once must just work.
+        if self.board.is_none()
+            && matches!(
+                message,
+                BoardMessage::Submit { .. }
+                    | BoardMessage::Cancel { .. }
+                    | BoardMessage::Jobs(_)
+                    | BoardMessage::Job { .. }
+            )
+        {
+            if self.waiting.len() < MAX_WAITING_REQUESTS {
+                self.waiting.push(message);
+            }
+            // Past the bound the request is dropped, and its caller hears "not ready".
+            return;
+        }
         match message {
             BoardMessage::Delivery(d) => match SignedEvent::from_bytes(&d.data) {
                 Ok(event) => self.input(Input::Event(event)),
@@ -416,7 +449,15 @@ impl BoardActor {
                     self.input(Input::Event(event));
                 }
             }
-            BoardMessage::Submit { spec, reply } => {
+            BoardMessage::Submit { mut spec, reply } => {
+                // A scene is made with the submitter's Blender unless the caller said which.
+                if spec.blender.is_none()
+                    && let Some(version) =
+                        self.offer.borrow().as_ref().and_then(|o| o.blender.clone())
+                    && let Some((major, minor)) = blendnet_proto::job::major_minor(&version)
+                {
+                    spec.blender = Some(format!("{major}.{minor}"));
+                }
                 let now = self.now();
                 let result = match self.board.as_mut() {
                     None => Err(BoardError::NotReady.to_string()),

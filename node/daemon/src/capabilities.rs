@@ -84,17 +84,6 @@ pub struct BlenderInfo {
     pub devices: blendnet_render::Devices,
 }
 
-impl BlenderInfo {
-    /// `(major, minor)` of the version: jobs go only to peers whose Blender matches the
-    /// submitter's major.minor.
-    pub fn major_minor(&self) -> Option<(u32, u32)> {
-        let mut parts = self.version.split('.');
-        let major = parts.next()?.parse().ok()?;
-        let minor = parts.next()?.parse().ok()?;
-        Some((major, minor))
-    }
-}
-
 /// Why no usable Blender was found. Not fatal: the node runs without rendering.
 #[derive(Debug, thiserror::Error)]
 pub enum BlenderError {
@@ -438,16 +427,6 @@ mod tests {
         for output in ["", "blender 4.2.0", "Blender\n", "Blender x.y", "Blender 4"] {
             assert_eq!(parse_version(output), None, "{output:?}");
         }
-    }
-
-    #[test]
-    fn major_minor() {
-        let info = BlenderInfo {
-            path: "b".into(),
-            version: "4.2.1".into(),
-            devices: Default::default(),
-        };
-        assert_eq!(info.major_minor(), Some((4, 2)));
     }
 
     #[test]

@@ -126,6 +126,10 @@ pub struct SubmitArgs {
     /// Frames per task when split by frames.
     #[arg(long)]
     pub frames_per_task: Option<u32>,
+    /// The Blender the scene needs, major.minor (default: this node's); only peers with it
+    /// render the job.
+    #[arg(long, value_name = "MAJOR.MINOR")]
+    pub blender_version: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -366,8 +370,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     devices.join(",")
                 };
+                let rendering = match p.get("rendering") {
+                    Some(r) if !r.is_null() => format!(
+                        "  rendering {} frame {} samples {}/{}",
+                        r["job"].as_str().map_or("-", |j| &j[..j.len().min(12)]),
+                        r["task"]["frame_start"].as_u64().unwrap_or(0)
+                            + r["frames_done"].as_u64().unwrap_or(0),
+                        r["samples_done"].as_u64().unwrap_or(0),
+                        r["task"]["samples"].as_u64().unwrap_or(0),
+                    ),
+                    _ => String::new(),
+                };
                 println!(
-                    "{}  {:7}  {}  blender {}  devices {devices}  roles {}{me}",
+                    "{}  {:7}  {}  blender {}  devices {devices}  roles {}{me}{rendering}",
                     s("fingerprint"),
                     if online { "online" } else { "offline" },
                     s("peer_id"),
@@ -381,11 +396,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             job: Some(job),
             json,
         } => {
-            let view = Client::connect(&data_dir)?.job(&job)?;
+            let client = Client::connect(&data_dir)?;
+            let view = client.job(&job)?;
             if json {
                 return print_json(&view);
             }
             print_job(&view);
+            // Say why an active job does not move when no peer can render it.
+            let wanted = view.pointer("/spec/blender").and_then(|v| v.as_str());
+            if status_word(view.pointer("/summary/status")) == "active"
+                && let Some(wanted) = wanted
+            {
+                let peers = client.peers(false)?;
+                let wanted_mm = blendnet_proto::job::major_minor(wanted);
+                let matches = peers.as_array().into_iter().flatten().any(|p| {
+                    p["online"] == true
+                        && p["blender"]
+                            .as_str()
+                            .and_then(blendnet_proto::job::major_minor)
+                            .is_some_and(|v| Some(v) == wanted_mm)
+                });
+                if !matches {
+                    println!(
+                        "  waiting: no online peer has Blender {wanted}, which this scene needs"
+                    );
+                }
+            }
         }
         Command::Status { job: None, json } => {
             let status = Client::connect(&data_dir)?.status()?;
@@ -415,6 +451,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 name: args.name,
                 target_task_secs: args.target_task_secs,
                 frames_per_task: args.frames_per_task,
+                blender: args.blender_version,
             })?;
             if args.json {
                 return print_json(&job);
@@ -504,6 +541,12 @@ fn print_job(view: &serde_json::Value) {
             .and_then(|v| v.as_str())
     {
         println!("  reason: {reason}");
+    }
+    if summary.get("seeded").and_then(|v| v.as_bool()) == Some(true) {
+        println!(
+            "  note: a peer's Blender has no sample_offset; its slices used their own seeds, so \
+             the frame will match a local render statistically, not exactly"
+        );
     }
     if let Some(coordinator) = summary.get("coordinator").and_then(|c| c.as_array()) {
         let epoch = coordinator.first().and_then(|v| v.as_u64()).unwrap_or(0);

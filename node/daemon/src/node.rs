@@ -40,6 +40,10 @@ use tokio::sync::{mpsc, watch};
 /// How long a graceful shutdown may take before the daemon exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Least time between two statuses sent for render progress: peers' views are read by people
+/// and by the add-on every few seconds.
+const ACTIVITY_EVERY: Duration = Duration::from_secs(1);
+
 /// Where jobs' scenes, outputs in progress and task logs live, in the data dir.
 const WORK_DIR: &str = "work";
 
@@ -322,7 +326,26 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
     );
     let blobs = Blobs::new(store, streams.clone(), net.clone(), seed);
     let (reports_tx, reports) = mpsc::channel(RENDER_REPORTS);
-    let render = Render::spawn(data_dir.path().join(WORK_DIR), blobs.clone(), reports_tx);
+    let (rendering_tx, mut rendering) = watch::channel(None);
+    let render = Render::spawn(
+        data_dir.path().join(WORK_DIR),
+        blobs.clone(),
+        reports_tx,
+        rendering_tx,
+    );
+    // What this node renders goes out with its status, at most once per ACTIVITY_EVERY.
+    {
+        let net = net.clone();
+        tokio::spawn(async move {
+            while rendering.changed().await.is_ok() {
+                let now = *rendering.borrow_and_update();
+                if net.set_rendering(now).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(ACTIVITY_EVERY).await;
+            }
+        });
+    }
     let (offer_tx, offer) = watch::channel(None);
     let board = Board::spawn(
         BoardSetup {
@@ -580,6 +603,7 @@ fn job_spec(req: SubmitRequest) -> Result<blendnet_proto::JobSpec, ApiError> {
     if let Some(n) = req.frames_per_task {
         spec.frames_per_task = n;
     }
+    spec.blender = req.blender;
     spec.validate()
         .map_err(|e| ApiError::BadRequest(format!("invalid job: {e}")))?;
     Ok(spec)

@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use blendnet_proto::wire::Activity;
 use blendnet_proto::{BlobHash, JobId, JobSpec, Lease, TaskSpec, TaskStats};
-use blendnet_render::{RenderError, RenderTask, SliceMode, Worker};
-use tokio::sync::mpsc;
+use blendnet_render::{Progress, RenderError, RenderTask, SliceMode, Worker};
+use tokio::sync::{mpsc, watch};
 
 use crate::blobs::Blobs;
 
@@ -70,13 +71,20 @@ pub struct Render {
 }
 
 impl Render {
-    /// Starts the actor; reports go to `reports`.
-    pub fn spawn(work_dir: PathBuf, blobs: Blobs, reports: mpsc::Sender<RenderReport>) -> Render {
+    /// Starts the actor; reports go to `reports`, and what it renders now (with the samples
+    /// and frames done) to `activity`.
+    pub fn spawn(
+        work_dir: PathBuf,
+        blobs: Blobs,
+        reports: mpsc::Sender<RenderReport>,
+        activity: watch::Sender<Option<Activity>>,
+    ) -> Render {
         let (tx, inbox) = mpsc::channel(INBOX);
         let actor = RenderActor {
             work_dir,
             blobs,
             reports,
+            activity,
             inbox,
             blender: None,
             worker: None,
@@ -103,6 +111,7 @@ struct RenderActor {
     work_dir: PathBuf,
     blobs: Blobs,
     reports: mpsc::Sender<RenderReport>,
+    activity: watch::Sender<Option<Activity>>,
     inbox: mpsc::Receiver<RenderMessage>,
     blender: Option<PathBuf>,
     worker: Option<JobWorker>,
@@ -113,6 +122,7 @@ struct RenderActor {
 /// its inbox for a stop.
 struct TaskContext {
     blobs: Blobs,
+    activity: watch::Sender<Option<Activity>>,
     work_dir: PathBuf,
     blender: Option<PathBuf>,
     id: u64,
@@ -138,6 +148,7 @@ impl RenderActor {
             };
             let context = TaskContext {
                 blobs: self.blobs.clone(),
+                activity: self.activity.clone(),
                 work_dir: self.work_dir.clone(),
                 blender: self.blender.clone(),
                 id: self.next_id,
@@ -160,6 +171,7 @@ impl RenderActor {
                     },
                 }
             };
+            self.activity.send_replace(None);
             let Some((worker, outcome)) = finished else {
                 tracing::info!(%job, %task, "task stopped; its Blender was killed");
                 continue;
@@ -245,7 +257,29 @@ async fn run_task(
         allow_missing: false,
     };
     let started = Instant::now();
-    let rendered = kept.worker.render(&render_task, |_| {}).await;
+    let activity = &context.activity;
+    activity.send_replace(Some(Activity {
+        job,
+        task,
+        frames_done: 0,
+        samples_done: 0,
+    }));
+    let rendered = kept
+        .worker
+        .render(&render_task, |progress| {
+            activity.send_modify(|a| {
+                if let Some(a) = a {
+                    match progress {
+                        Progress::Samples { done, .. } => a.samples_done = done,
+                        Progress::Frame(_) => {
+                            a.frames_done += 1;
+                            a.samples_done = 0;
+                        }
+                    }
+                }
+            })
+        })
+        .await;
     write_task_log(&job_dir, &task, started, &rendered, &kept.worker.log_tail());
     let done = match rendered {
         Ok(done) => done,
@@ -260,6 +294,7 @@ async fn run_task(
         samples: task.samples,
         blender_start_ms,
         peak_memory_bytes: 0,
+        seeded: done.seeded,
     };
     let imported = context.blobs.add(vec![out_dir.clone()]).await;
     let _ = std::fs::remove_dir_all(&out_dir);
@@ -334,7 +369,16 @@ async fn start_worker(
             spec.blend_path
         ));
     }
-    Worker::start(blender, &scene_dir.join(relative), job_dir)
+    let worker = Worker::start(blender, &scene_dir.join(relative), job_dir)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    let found = worker.ready().blender.clone();
+    if !spec.blender_matches(Some(&found)) {
+        worker.quit().await;
+        return Err(format!(
+            "Blender version mismatch: the scene needs Blender {}, this peer has {found}",
+            spec.blender.as_deref().unwrap_or("-")
+        ));
+    }
+    Ok(worker)
 }

@@ -9,7 +9,7 @@ use crate::{
 };
 use blendnet_core::{Invites, Roster};
 use blendnet_proto::wire::{
-    Capabilities, JoinRequest, JoinResponse, MAX_ADDRESS_ENTRIES, MAX_ADDRS_PER_PEER,
+    Activity, Capabilities, JoinRequest, JoinResponse, MAX_ADDRESS_ENTRIES, MAX_ADDRS_PER_PEER,
     MAX_GOSSIP_BYTES, PeerStatus, Refusal, RosterDelta, SyncRequest, SyncResponse,
 };
 use blendnet_proto::{
@@ -117,6 +117,8 @@ pub struct NetActor {
     admissions: HashMap<PeerId, Admission>,
     banned: HashMap<PeerId, Instant>,
     capabilities: Capabilities,
+    /// What this node renders now, for its status.
+    rendering: Option<Activity>,
     bootstrap: Vec<Multiaddr>,
     commands: mpsc::Receiver<NetMessage>,
     events: mpsc::UnboundedSender<Event>,
@@ -193,6 +195,7 @@ impl NetActor {
             admissions: HashMap::new(),
             banned: HashMap::new(),
             capabilities: config.capabilities,
+            rendering: None,
             bootstrap: config.bootstrap,
             commands,
             events,
@@ -378,6 +381,7 @@ impl NetActor {
                 .map(ToString::to_string)
                 .collect(),
             capabilities: self.capabilities.clone(),
+            rendering: self.rendering,
             sent_at: unix_now(),
         }
     }
@@ -504,6 +508,10 @@ impl NetActor {
                 self.capabilities = capabilities;
                 self.next_status = Instant::now();
             }
+            NetMessage::SetRendering(rendering) => {
+                self.rendering = rendering;
+                self.next_status = Instant::now();
+            }
             #[cfg(test)]
             NetMessage::Discovered(found) => self.on_mdns(found),
         }
@@ -566,6 +574,7 @@ impl NetActor {
                         last_seen: Some(now),
                         blender: self.capabilities.blender.clone(),
                         capabilities: Some(self.capabilities.clone()),
+                        rendering: self.rendering,
                     };
                 }
                 let state = self.peers.get(&peer);
@@ -589,6 +598,9 @@ impl NetActor {
                     },
                     blender: capabilities.as_ref().and_then(|c| c.blender.clone()),
                     capabilities,
+                    rendering: state
+                        .and_then(|s| s.status.as_ref())
+                        .and_then(|s| s.rendering),
                 }
             })
             .collect()

@@ -30,7 +30,7 @@ pub use libp2p::{Multiaddr, PeerId, identity};
 pub use streams::{AlreadyAccepting, Incoming, Stream, Streams};
 
 use blendnet_core::{Invites, Roster};
-use blendnet_proto::wire::{Capabilities, Refusal};
+use blendnet_proto::wire::{Activity, Capabilities, Refusal};
 use blendnet_proto::{Fingerprint, InviteCode, MeshId, MeshKey, Roles, RosterSnapshot, Topic};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -194,6 +194,8 @@ pub struct PeerView {
     pub last_seen: Option<u64>,
     pub blender: Option<String>,
     pub capabilities: Option<Capabilities>,
+    /// What the peer renders now, as its last status said.
+    pub rendering: Option<Activity>,
 }
 
 /// An unknown daemon announced on the LAN, waiting to be admitted.
@@ -294,6 +296,8 @@ pub enum NetMessage {
         reply: oneshot::Sender<Result<(), PublishError>>,
     },
     SetCapabilities(Capabilities),
+    /// What this node renders now; gossiped with its status within a second or so.
+    SetRendering(Option<Activity>),
     /// Tests stand in for mDNS, which the memory transport cannot carry.
     #[cfg(test)]
     Discovered(Vec<(PeerId, Multiaddr)>),
@@ -363,6 +367,14 @@ impl Net {
     ) -> Result<Result<(), PublishError>, Stopped> {
         self.ask(|reply| NetMessage::Publish { topic, data, reply })
             .await
+    }
+
+    /// Says what this node renders now (or that it renders nothing).
+    pub async fn set_rendering(&self, rendering: Option<Activity>) -> Result<(), Stopped> {
+        self.tx
+            .send(NetMessage::SetRendering(rendering))
+            .await
+            .map_err(|_| Stopped)
     }
 
     /// Replaces the capabilities this node advertises.

@@ -160,6 +160,10 @@ pub struct JobSpec {
     pub frames_per_task: u32,
     /// The submitter's clock at submission (Unix seconds), for display and ordering only.
     pub submitted_at: UnixTime,
+    /// The Blender the scene was made with, as `major.minor` (`4.2`): only peers whose Blender
+    /// has the same major.minor render it (a `.blend` is not portable across versions). `None`
+    /// lets any Blender render it.
+    pub blender: Option<String>,
 }
 
 /// What is wrong with a [`JobSpec`].
@@ -187,6 +191,16 @@ pub enum InvalidSpec {
     TargetTaskSecs(u32),
     #[error("{0} frames per task is outside 1..={MAX_FRAMES_PER_TASK}")]
     FramesPerTask(u32),
+    #[error("Blender version {0:?} is not of the form major.minor, like 4.2")]
+    BadBlenderVersion(String),
+}
+
+/// `(major, minor)` of a Blender version such as `4.2.1` or `4.2`.
+pub fn major_minor(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 impl JobSpec {
@@ -211,6 +225,7 @@ impl JobSpec {
             target_task_secs: DEFAULT_TARGET_TASK_SECS,
             frames_per_task: 1,
             submitted_at,
+            blender: None,
         }
     }
 
@@ -255,7 +270,22 @@ impl JobSpec {
         if !(1..=MAX_FRAMES_PER_TASK).contains(&self.frames_per_task) {
             return Err(InvalidSpec::FramesPerTask(self.frames_per_task));
         }
+        if let Some(version) = &self.blender
+            && major_minor(version).is_none_or(|(a, b)| format!("{a}.{b}") != *version)
+        {
+            return Err(InvalidSpec::BadBlenderVersion(truncated(version, 20)));
+        }
         Ok(())
+    }
+
+    /// Whether a peer with Blender `version` (`4.2.1`, or none) may render this job.
+    pub fn blender_matches(&self, version: Option<&str>) -> bool {
+        match &self.blender {
+            None => true,
+            Some(wanted) => version
+                .and_then(major_minor)
+                .is_some_and(|v| Some(v) == major_minor(wanted)),
+        }
     }
 
     /// Whether frames are cut into sample slices (Cycles, split `Samples`, or `Auto` with a
@@ -373,6 +403,9 @@ pub struct TaskStats {
     pub blender_start_ms: u64,
     /// Peak memory of the Blender process.
     pub peak_memory_bytes: u64,
+    /// The worker's Blender has no `sample_offset`, so this slice used a seed of its own:
+    /// statistically equal noise, not the exact pixels of a single-machine render.
+    pub seeded: bool,
 }
 
 /// What an event says. The author is in the [`SignedEvent`] around it.
@@ -828,6 +861,27 @@ mod tests {
             Engine::Cycles,
             1_700_000_000,
         )
+    }
+
+    #[test]
+    fn only_a_blender_of_the_same_major_minor_matches() {
+        let mut s = spec();
+        assert!(s.blender_matches(None) && s.blender_matches(Some("3.4.1")));
+        s.blender = Some("4.2".into());
+        assert!(s.validate().is_ok());
+        assert!(s.blender_matches(Some("4.2.3")) && s.blender_matches(Some("4.2")));
+        assert!(!s.blender_matches(Some("4.3.0")) && !s.blender_matches(Some("3.4.1")));
+        assert!(
+            !s.blender_matches(None),
+            "a peer without Blender renders nothing"
+        );
+        for bad in ["4", "4.2.1", "four.two", ""] {
+            s.blender = Some(bad.into());
+            assert!(
+                matches!(s.validate(), Err(InvalidSpec::BadBlenderVersion(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -51,8 +51,21 @@ pub struct PeerStatus {
     /// Multiaddrs the peer listens on, without `/p2p/`.
     pub addrs: Vec<String>,
     pub capabilities: Capabilities,
+    /// What the peer renders now, if anything.
+    pub rendering: Option<Activity>,
     /// The sender's clock when it was sent.
     pub sent_at: UnixTime,
+}
+
+/// The task a peer renders now and how far it got, for the peers and jobs views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    pub job: crate::JobId,
+    pub task: crate::TaskSpec,
+    /// Frames of the task written so far.
+    pub frames_done: u32,
+    /// Samples done in the frame being rendered (Cycles' count; 0 when unknown).
+    pub samples_done: u32,
 }
 
 /// New roster entries, gossiped on the `roster` topic; each one is verified on receipt.

@@ -21,7 +21,7 @@ pub mod worker;
 
 pub use devices::{Device, Devices};
 pub use protocol::{ErrorKind, Ready, RenderTask, SliceMode};
-pub use worker::{Done, RenderError, StartError, Worker};
+pub use worker::{Done, Progress, RenderError, StartError, Worker};
 
 /// The Python script Blender runs for a worker (`-P`).
 pub const WORKER_PY: &str = include_str!("worker.py");

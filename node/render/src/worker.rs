@@ -42,6 +42,32 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 /// The file the worker script is written to, in the worker's directory.
 const SCRIPT_NAME: &str = ".blendnet-worker.py";
 
+/// What a render reports while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Cycles' count of samples done in the current frame, from Blender's own log line
+    /// (`… | Sample 5/16`); best effort, as the format varies between versions.
+    Samples { done: u32, total: u32 },
+    /// A frame was written.
+    Frame(i32),
+}
+
+/// What the stdout reader hands the worker.
+#[derive(Debug)]
+enum Output {
+    Reply(Result<Reply, String>),
+    Samples { done: u32, total: u32 },
+}
+
+/// The `done/total` of a Cycles progress line such as
+/// `Fra:1 Mem:14.49M (Peak 14.84M) | Time:00:00.14 | … | ViewLayer | Sample 5/16`.
+fn parse_samples(line: &str) -> Option<(u32, u32)> {
+    let rest = &line[line.rfind("| Sample ")? + "| Sample ".len()..];
+    let (done, total) = rest.split_once('/')?;
+    let total: String = total.chars().take_while(char::is_ascii_digit).collect();
+    Some((done.trim().parse().ok()?, total.parse().ok()?))
+}
+
 /// A finished task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Done {
@@ -129,7 +155,7 @@ struct Shared {
 pub struct Worker {
     child: Child,
     stdin: ChildStdin,
-    replies: mpsc::Receiver<Result<Reply, String>>,
+    replies: mpsc::Receiver<Output>,
     shared: Arc<Shared>,
     started: Instant,
     ready: Ready,
@@ -175,7 +201,16 @@ impl Worker {
         tokio::spawn(read_lines(stdout, Some(tx), shared.clone(), started));
         tokio::spawn(read_lines(stderr, None, shared.clone(), started));
 
-        let first = tokio::time::timeout(START_TIMEOUT, replies.recv()).await;
+        let first = async {
+            loop {
+                match replies.recv().await {
+                    Some(Output::Samples { .. }) => continue,
+                    Some(Output::Reply(reply)) => return Some(reply),
+                    None => return None,
+                }
+            }
+        };
+        let first = tokio::time::timeout(START_TIMEOUT, first).await;
         let ready = match first {
             Err(_) => {
                 return Err(StartError::Timeout {
@@ -239,14 +274,14 @@ impl Worker {
         self.hang_after = limit;
     }
 
-    /// Renders `task`, calling `on_frame` as each frame is written. Not cancel-safe: if this
+    /// Renders `task`, calling `on_progress` as samples and frames are done. Not cancel-safe: if this
     /// future is dropped, Blender may still be rendering; [`kill`](Worker::kill) it.
     /// After [`RenderError::Crashed`] or [`RenderError::Hung`] the worker is dead: start
     /// another.
     pub async fn render(
         &mut self,
         task: &RenderTask,
-        mut on_frame: impl FnMut(i32),
+        mut on_progress: impl FnMut(Progress),
     ) -> Result<Done, RenderError> {
         let mut line = serde_json::to_string(&Request::Render(task.clone()))
             .map_err(|e| RenderError::Protocol(e.to_string()))?;
@@ -271,12 +306,18 @@ impl Worker {
                         log: last_lines(&self.shared),
                     });
                 }
-                Ok(Some(Err(bad))) => return Err(RenderError::Protocol(bad)),
-                Ok(Some(Ok(reply))) => reply,
+                Ok(Some(Output::Samples { done, total })) => {
+                    on_progress(Progress::Samples { done, total });
+                    continue;
+                }
+                Ok(Some(Output::Reply(Err(bad)))) => return Err(RenderError::Protocol(bad)),
+                Ok(Some(Output::Reply(Ok(reply)))) => reply,
             };
             match reply {
                 Reply::Started { .. } => {}
-                Reply::Progress { id, frame } if id == task.id => on_frame(frame),
+                Reply::Progress { id, frame } if id == task.id => {
+                    on_progress(Progress::Frame(frame))
+                }
                 Reply::Done {
                     id,
                     outputs,
@@ -370,7 +411,7 @@ impl Worker {
 /// Reads lines until the pipe closes: replies to `replies` (stdout only), the rest to the log.
 async fn read_lines(
     pipe: impl AsyncRead + Unpin,
-    replies: Option<mpsc::Sender<Result<Reply, String>>>,
+    replies: Option<mpsc::Sender<Output>>,
     shared: Arc<Shared>,
     started: Instant,
 ) {
@@ -388,13 +429,29 @@ async fn read_lines(
         shared.last_output_ms.store(now, Ordering::Relaxed);
         let line = String::from_utf8_lossy(&buf);
         let line = line.trim_end_matches(['\r', '\n']);
-        if let Some(tx) = &replies
-            && let Some(reply) = Reply::parse(line)
-        {
-            if tx.send(reply).await.is_err() {
-                return;
+        if let Some(tx) = &replies {
+            let output = match Reply::parse(line) {
+                Some(reply) => Some(Output::Reply(reply)),
+                None => parse_samples(line).map(|(done, total)| Output::Samples { done, total }),
+            };
+            if let Some(output) = output {
+                let is_reply = matches!(output, Output::Reply(_));
+                // Sample counts are dropped rather than waited for when the queue is full.
+                let sent = if is_reply {
+                    tx.send(output).await.is_ok()
+                } else {
+                    !matches!(
+                        tx.try_send(output),
+                        Err(mpsc::error::TrySendError::Closed(_))
+                    )
+                };
+                if !sent {
+                    return;
+                }
+                if is_reply {
+                    continue;
+                }
             }
-            continue;
         }
         let mut log = shared.log.lock().unwrap_or_else(PoisonError::into_inner);
         if log.len() == LOG_LINES {
@@ -431,4 +488,25 @@ fn describe(status: ExitStatus) -> String {
         }
     }
     status.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_samples;
+
+    #[test]
+    fn sample_counts_are_read_from_cycles_progress_lines() {
+        let line = "Fra:1 Mem:14.49M (Peak 14.84M) | Time:00:00.14 | Mem:0.00M, Peak:0.00M | \
+                    Scene, ViewLayer | Sample 5/16";
+        assert_eq!(parse_samples(line), Some((5, 16)));
+        assert_eq!(
+            parse_samples("Fra:1 | Sample 16/16 Denoising"),
+            Some((16, 16))
+        );
+        assert_eq!(
+            parse_samples("Fra:1 Mem:1M | Synchronizing object | Cube"),
+            None
+        );
+        assert_eq!(parse_samples("| Sample x/16"), None);
+    }
 }

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use blendnet_render::{ErrorKind, RenderError, RenderTask, SliceMode, StartError, Worker};
+use blendnet_render::{
+    ErrorKind, Progress, RenderError, RenderTask, SliceMode, StartError, Worker,
+};
 use blendnet_tests::{blender, blender_scene};
 
 /// A scene made by Blender (see [`blender_scene`]).
@@ -57,16 +59,25 @@ async fn one_blender_renders_slices_one_after_another() {
     assert_eq!(ready.view_layers, vec!["ViewLayer".to_string()]);
     let pid = worker.pid();
 
-    let mut frames = Vec::new();
+    let (mut frames, mut samples) = (Vec::new(), Vec::new());
+    let mut progress = |p| match p {
+        Progress::Frame(f) => frames.push(f),
+        Progress::Samples { done, total } => samples.push((done, total)),
+    };
     let first = worker
-        .render(&slice(1, dir.path(), 0, 3), |f| frames.push(f))
+        .render(&slice(1, dir.path(), 0, 3), &mut progress)
         .await
         .unwrap();
     let second = worker
-        .render(&slice(2, dir.path(), 3, 5), |f| frames.push(f))
+        .render(&slice(2, dir.path(), 3, 5), &mut progress)
         .await
         .unwrap();
     assert_eq!(frames, vec![1, 1]);
+    // Blender's own progress lines count the slice's samples.
+    assert!(
+        samples.contains(&(3, 3)) && samples.contains(&(5, 5)),
+        "{samples:?}"
+    );
     assert_eq!(worker.pid(), pid, "the scene stays loaded in one Blender");
     assert!(!first.seeded && !second.seeded);
     for (done, samples) in [(&first, "3"), (&second, "5")] {

@@ -17,8 +17,8 @@
 //! fail the job, fetch a result).
 
 use super::{
-    Action, Board, DEPARTED_GRACE_MS, FETCH_RETRY_MS, HEARTBEAT_MS, LEASE_MS, MAX_TASK_FAILURES,
-    Mesh, NO_WORK_RETRY_MS, Source, revoke_reason,
+    Action, Board, DEPARTED_GRACE_MS, FETCH_RETRY_MS, HEARTBEAT_MS, LEASE_MS, MAX_RETRY_AFTER_MS,
+    MAX_TASK_FAILURES, Mesh, NO_WORK_RETRY_MS, Source, revoke_reason,
 };
 use crate::job::{Job, Plan, Report};
 use crate::sizing::{self, SliceInput};
@@ -895,11 +895,21 @@ impl Board {
         out: &mut Vec<Action>,
     ) -> WorkResponse {
         match request {
-            WorkRequest::RequestWork { job, report, .. } => {
+            WorkRequest::RequestWork { job, offer, report } => {
                 if let Some(r) = report
                     && r.author == from
                 {
                     let _ = self.held_or_take(now, r, from, out);
+                }
+                let mismatch = self
+                    .jobs
+                    .get(&job)
+                    .is_some_and(|e| !e.job.spec().blender_matches(offer.blender.as_deref()));
+                if mismatch {
+                    // The worker should not have asked; it is told to wait as long as allowed.
+                    return WorkResponse::NoWork {
+                        retry_after_ms: MAX_RETRY_AFTER_MS,
+                    };
                 }
                 self.grant(now, job, from, out)
             }

@@ -133,6 +133,8 @@ fn a_lone_node_renders_its_own_job_and_a_mesh_of_one_needs_no_second_holder() {
                             stats: TaskStats {
                                 render_ms: 1_000,
                                 samples: 64,
+                                // A Blender without sample_offset rendered frame 2.
+                                seeded: task.frame_start == 2,
                                 ..Default::default()
                             },
                         },
@@ -156,6 +158,7 @@ fn a_lone_node_renders_its_own_job_and_a_mesh_of_one_needs_no_second_holder() {
     assert!(view.tasks.iter().all(|t| t.state.is_done()));
     assert_eq!(view.summary.done_units, view.summary.total_units);
     assert_eq!(view.summary.coordinator, Some((1, me.id)));
+    assert!(view.summary.seeded, "the job says a slice was seeded");
     assert_eq!(b.next_deadline(), None, "nothing left to wait for");
 }
 
@@ -346,6 +349,10 @@ fn a_worker_pulls_renders_and_the_task_is_done_only_once_a_second_peer_holds_the
     )));
     d.pump(5_200, out, Vec::new());
     assert_eq!(d.w.job(&d.job).unwrap().summary.status, JobStatus::Done);
+    assert!(
+        !d.w.job(&d.job).unwrap().summary.seeded,
+        "no slice was seeded"
+    );
 }
 
 #[test]
@@ -1043,4 +1050,65 @@ fn views_serialize_for_the_api() {
     assert_eq!(view["coordinating"], true);
     let counters = serde_json::to_value(b.counters()).unwrap();
     assert_eq!(counters["duplicates"], 0);
+}
+
+#[test]
+fn only_peers_whose_blender_matches_the_job_render_it() {
+    let sub = peer();
+    let (old, new) = (peer(), peer());
+    let mut c = board(&sub, "submit,coordinate", false);
+    c.handle(
+        0,
+        Input::Members(vec![
+            member(&old, "render", true),
+            member(&new, "render", true),
+        ]),
+    );
+    let mut spec = frames_spec(2);
+    spec.blender = Some("4.2".into());
+    let (job, submitted) = c.submit(0, spec).unwrap();
+    let offer = |v: &str| WorkRequest::RequestWork {
+        job,
+        offer: Offer {
+            blender: Some(v.into()),
+            ..Offer::default()
+        },
+        report: None,
+    };
+    // The coordinator refuses a worker with another Blender, and grants one that matches.
+    let (resp, _) = ask(&mut c, 10, &old, offer("3.4.1"));
+    assert!(matches!(resp, WorkResponse::NoWork { .. }), "{resp:?}");
+    let (resp, _) = ask(&mut c, 10, &new, offer("4.2.5"));
+    granted(&resp);
+
+    // A worker with another Blender does not even ask.
+    let mut w = Board::new(
+        BoardConfig {
+            keypair: old.key.clone(),
+            roles: roles("render"),
+            renders: true,
+            offer: Offer {
+                blender: Some("3.4.1".into()),
+                ..Offer::default()
+            },
+        },
+        0,
+    )
+    .unwrap();
+    w.handle(
+        0,
+        Input::Members(vec![
+            member(&sub, "submit,coordinate", false),
+            member(&new, "render", true),
+        ]),
+    );
+    let mut asked = Vec::new();
+    for event in new_events(&submitted) {
+        asked.extend(w.handle(20, Input::Verified(event.clone())));
+    }
+    asked.extend(w.handle(5_000, Input::Tick));
+    assert!(
+        !asked.iter().any(|a| matches!(a, Action::SendWork { .. })),
+        "a worker with Blender 3.4 asked for a 4.2 job: {asked:?}"
+    );
 }

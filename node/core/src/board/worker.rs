@@ -206,6 +206,16 @@ impl Board {
             if self.worker.retry_at.get(&job).is_some_and(|t| *t > now) {
                 continue;
             }
+            // A .blend is not portable across Blender versions: leave the job to peers whose
+            // Blender matches.
+            let blender = self.offer.blender.as_deref();
+            if self
+                .jobs
+                .get(&job)
+                .is_some_and(|e| !e.job.spec().blender_matches(blender))
+            {
+                continue;
+            }
             let Some(to) = self.coordinator_of(&job) else {
                 // No timer: the claim that names a coordinator will wake us.
                 self.worker.retry_at.remove(&job);
