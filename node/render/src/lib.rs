@@ -12,10 +12,14 @@
 //! (`render.use_persistent_data`), so a task costs its render time, not Blender's start-up.
 //! Autoexec is off (`-Y`): a `.blend` from a peer never runs its own scripts here.
 //!
+//! [`discovery`] finds Blender (and the machine's GPUs) and asks it which devices its Cycles
+//! can use ([`devices`]).
+//!
 //! See [`protocol`] for the messages and [`Worker`] for the process's life: start, render,
 //! cancel (kill), crash and hang detection.
 
 pub mod devices;
+pub mod discovery;
 pub mod protocol;
 pub mod worker;
 
