@@ -1058,6 +1058,35 @@ fn other_peers(peers: &Value, only_online: bool) -> Result<BTreeSet<String>> {
     Ok(out)
 }
 
+/// How soon the members of a [`mesh`] must all see each other online.
+pub const MESH_ONLINE_WITHIN: Duration = Duration::from_secs(15);
+
+/// A founder named `names[0]` and members named by the rest, joined by invite, each started
+/// with `up_args`, and all online to each other.
+pub fn mesh(names: &[&str], up_args: &[&str]) -> Result<Vec<Node>> {
+    let (founder, members) = names.split_first().context("a mesh needs a founder")?;
+    let (mut a, _) = Node::init(founder)?;
+    a.up(up_args)?;
+    let mut nodes = vec![a];
+    for name in members {
+        let mut node = Node::new(name)?;
+        node.cli_ok(&["join", &nodes[0].invite(&[])?])?;
+        node.up(up_args)?;
+        nodes.push(node);
+    }
+    let ids: Vec<String> = nodes.iter().map(Node::peer_id).collect::<Result<_>>()?;
+    eventually(MESH_ONLINE_WITHIN, Duration::from_millis(250), || {
+        for (node, me) in nodes.iter().zip(&ids) {
+            let online = online_peers(&node.peers()?)?;
+            for id in ids.iter().filter(|id| *id != me) {
+                ensure!(online.contains(id), "{} does not see {id} yet", node.name());
+            }
+        }
+        Ok(())
+    })?;
+    Ok(nodes)
+}
+
 /// The Blender the tests render with: `BLENDNET_BLENDER`, else `blender` on `PATH` (Debian's
 /// package in CI). Panics with what to install when there is none: these tests must not pass
 /// by skipping.

@@ -11,39 +11,19 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use blendnet_tests::{Node, e2e, eventually, online_peers};
+use blendnet_tests::{Node, e2e, eventually};
 use serde_json::Value;
 
 /// The renderer of known duration.
 const FAKE_BLENDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fake-blender/blender");
-/// Members must see each other this soon.
-const ONLINE_WITHIN: Duration = Duration::from_secs(15);
 /// A job of the sizes used here finishes well within this on a loaded 2-core machine, even
 /// after a takeover (3 s) and the lapse of a dead worker's lease (30 s).
 const JOB_WITHIN: Duration = Duration::from_secs(150);
 
-/// A founder and `n` members joined by invite, all rendering with the stand-in, all online.
-fn mesh(n: usize) -> Result<Vec<Node>> {
-    let (mut a, _) = Node::init("a")?;
-    a.up(&["--blender", FAKE_BLENDER])?;
-    let mut nodes = vec![a];
-    for i in 0..n {
-        let mut node = Node::new(&format!("{}", (b'b' + i as u8) as char))?;
-        node.cli_ok(&["join", &nodes[0].invite(&[])?])?;
-        node.up(&["--blender", FAKE_BLENDER])?;
-        nodes.push(node);
-    }
-    let ids: Vec<String> = nodes.iter().map(Node::peer_id).collect::<Result<_>>()?;
-    eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
-        for (node, me) in nodes.iter().zip(&ids) {
-            let online = online_peers(&node.peers()?)?;
-            for id in ids.iter().filter(|id| *id != me) {
-                ensure!(online.contains(id), "{} does not see {id} yet", node.name());
-            }
-        }
-        Ok(())
-    })?;
-    Ok(nodes)
+/// Nodes a, b, … joined by invite, all rendering with the stand-in, all online.
+fn mesh(members: usize) -> Result<Vec<Node>> {
+    let names = ["a", "b", "c", "d", "e"];
+    blendnet_tests::mesh(&names[..=members], &["--blender", FAKE_BLENDER])
 }
 
 /// A "scene" for the stand-in, added to `node`'s store; returns its manifest hash and the

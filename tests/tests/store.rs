@@ -33,28 +33,12 @@ fn bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// A founder and `n` members joined by invite, all online.
+/// A seeder and `n` fetchers, all online.
 fn mesh(n: usize) -> Result<Vec<Node>> {
-    let (mut a, _) = Node::init("seeder")?;
-    a.up(&[])?;
-    let mut nodes = vec![a];
-    for i in 0..n {
-        let mut node = Node::new(&format!("fetcher{i}"))?;
-        node.cli_ok(&["join", &nodes[0].invite(&[])?])?;
-        node.up(&[])?;
-        nodes.push(node);
-    }
-    let ids: Vec<String> = nodes.iter().map(Node::peer_id).collect::<Result<_>>()?;
-    eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
-        for (node, me) in nodes.iter().zip(&ids) {
-            let online = online_peers(&node.peers()?)?;
-            for id in ids.iter().filter(|id| *id != me) {
-                ensure!(online.contains(id), "{} does not see {id} yet", node.name());
-            }
-        }
-        Ok(())
-    })?;
-    Ok(nodes)
+    let names: Vec<String> = (0..n).map(|i| format!("fetcher{i}")).collect();
+    let mut all = vec!["seeder"];
+    all.extend(names.iter().map(String::as_str));
+    blendnet_tests::mesh(&all, &[])
 }
 
 /// Writes `content` as `big.bin` beside `node`'s data dir and `store add`s it; returns the

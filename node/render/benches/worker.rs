@@ -15,15 +15,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blendnet_render::{RenderTask, SliceMode, Worker};
+use blendnet_tests::{blender, blender_scene};
 
 const SLICES: u32 = 20;
 const FRAMES: i32 = 8;
-
-fn blender() -> PathBuf {
-    std::env::var_os("BLENDNET_BLENDER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "blender".into())
-}
 
 fn run_blender(args: &[&str]) {
     let out = Command::new(blender())
@@ -37,37 +32,20 @@ fn run_blender(args: &[&str]) {
     );
 }
 
-/// The factory cube at 320×240, 64 samples, Cycles on the CPU, frames 1–8, denoising and adaptive
-/// sampling off: small enough that start-up is a visible part of a 1-sample task.
+/// The factory cube at 320×240, 64 samples, Cycles on the CPU, frames 1–8, denoising and
+/// adaptive sampling off: small enough that start-up is a visible part of a 1-sample task.
 fn make_scene(dir: &Path) -> PathBuf {
-    let path = dir.join("bench.blend");
-    let script = format!(
-        "import bpy\n\
-         s = bpy.context.scene\n\
-         s.render.engine = 'CYCLES'\n\
-         s.cycles.device = 'CPU'\n\
-         s.cycles.samples = 64\n\
-         s.cycles.use_denoising = False\n\
-         s.cycles.use_adaptive_sampling = False\n\
-         s.render.resolution_x = 320\n\
-         s.render.resolution_y = 240\n\
-         s.render.resolution_percentage = 100\n\
-         s.frame_start = 1\n\
-         s.frame_end = {FRAMES}\n\
-         s.render.image_settings.file_format = 'OPEN_EXR_MULTILAYER'\n\
-         s.render.image_settings.color_depth = '32'\n\
-         bpy.ops.wm.save_as_mainfile(filepath={:?})\n",
-        path.to_str().unwrap()
+    let extra = format!(
+        "scene.cycles.samples = 64\n\
+         scene.cycles.use_adaptive_sampling = False\n\
+         scene.render.resolution_x = 320\n\
+         scene.render.resolution_y = 240\n\
+         scene.frame_start = 1\n\
+         scene.frame_end = {FRAMES}\n\
+         scene.render.image_settings.file_format = 'OPEN_EXR_MULTILAYER'\n\
+         scene.render.image_settings.color_depth = '32'"
     );
-    run_blender(&[
-        "-b",
-        "--factory-startup",
-        "--python-exit-code",
-        "1",
-        "--python-expr",
-        &script,
-    ]);
-    path
+    blender_scene(dir, "bench", &extra).expect("making the scene")
 }
 
 fn task(id: u64, dir: &Path, mode: SliceMode, frames: Vec<i32>, offset: u32) -> RenderTask {
