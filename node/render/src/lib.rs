@@ -15,15 +15,19 @@
 //! [`discovery`] finds Blender (and the machine's GPUs) and asks it which devices its Cycles
 //! can use ([`devices`]).
 //!
+//! [`finish`] makes the artist's file of a merged frame (denoise, compositor, output format).
+//!
 //! See [`protocol`] for the messages and [`Worker`] for the process's life: start, render,
 //! cancel (kill), crash and hang detection.
 
 pub mod devices;
 pub mod discovery;
+pub mod finish;
 pub mod protocol;
 pub mod worker;
 
 pub use devices::{Device, Devices};
+pub use finish::{FinishError, finish};
 pub use protocol::{ErrorKind, Ready, RenderTask, SliceMode};
 pub use worker::{Done, Progress, RenderError, StartError, Worker};
 
