@@ -1,5 +1,5 @@
-//! The command line: `blendnet <command>`. Every command but `up`, `init` and `join` is a
-//! client of the running daemon's local API.
+//! The command line: `blendnet <command>`. Every command but `up`, `init`, `join` and `merge`
+//! is a client of the running daemon's local API.
 
 use crate::api::{
     AdmitRequest, InviteRequest, RevokeRequest, StoreAddRequest, StoreGetRequest, SubmitRequest,
@@ -96,6 +96,32 @@ pub enum Command {
     /// The blob store: add files, fetch them from the mesh, list, collect garbage.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Merge partial renders of one frame (sample slices, multilayer EXRs) exactly as Cycles
+    /// does; runs locally, no daemon needed.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MergeArgs {
+    /// The slices, multilayer EXRs rendered with the same seed and different sample offsets.
+    /// The first one's copied passes (Depth, IndexOB, Crypto…) and metadata are kept.
+    #[arg(required = true, value_name = "IN.exr")]
+    pub inputs: Vec<PathBuf>,
+    /// The merged EXR to write (atomically: nothing appears there unless it is complete).
+    #[arg(short, long, value_name = "OUT.exr")]
+    pub output: PathBuf,
+    /// Also write an sRGB PNG preview of the Combined pass.
+    #[arg(long, value_name = "OUT.png")]
+    pub preview: Option<PathBuf>,
+    /// The preview's long side in pixels (never enlarged).
+    #[arg(long, value_name = "PX", default_value_t = blendnet_exr::DEFAULT_PREVIEW_SIZE)]
+    pub preview_size: u32,
+    /// The view layer the preview shows (default: the first with a Combined pass).
+    #[arg(long, value_name = "NAME")]
+    pub preview_layer: Option<String>,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -273,10 +299,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        // A merge is local file work: it neither needs nor creates a data directory.
+        Command::Merge(args) => return merge(args),
         _ => data_dir()?,
     };
     match cli.command {
-        Command::Join { .. } => {}
+        Command::Join { .. } | Command::Merge(_) => {}
         Command::Init => {
             let mesh = crate::node::init(&data_dir)?;
             eprintln!("created mesh; start the node with `blendnet up`");
@@ -489,6 +517,66 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let job = Client::connect(&data_dir)?.cancel(&job)?;
             println!("cancelled {}", job.job);
         }
+    }
+    Ok(())
+}
+
+/// `blendnet merge`: merges the slices, prints what went in and what came out.
+fn merge(args: &MergeArgs) -> anyhow::Result<()> {
+    let options = blendnet_exr::MergeOptions {
+        threads: args.threads,
+        preview: args
+            .preview
+            .clone()
+            .map(|path| blendnet_exr::PreviewOptions {
+                path,
+                max_size: args.preview_size,
+                layer: args.preview_layer.clone(),
+            }),
+        progress: None,
+    };
+    let report = blendnet_exr::merge(&args.inputs, &args.output, &options)?;
+    let time = blendnet_exr::format_duration;
+    for input in &report.inputs {
+        let samples: Vec<String> = input
+            .samples
+            .iter()
+            .map(|(layer, n)| format!("{layer} {n}"))
+            .collect();
+        println!(
+            "  {}  samples: {}  render time {}",
+            input.path.display(),
+            samples.join(", "),
+            time(input.render_time)
+        );
+    }
+    for layer in &report.layers {
+        println!(
+            "{}: {} samples, render time {}, total time {}",
+            layer.name,
+            layer.samples,
+            time(layer.render_time),
+            time(layer.total_time)
+        );
+    }
+    println!(
+        "merged {} inputs ({}×{}, {} channels, render time {}) into {} in {:.2} s",
+        report.inputs.len(),
+        report.width,
+        report.height,
+        report.channels,
+        time(report.render_time),
+        report.output.display(),
+        report.elapsed.as_secs_f64()
+    );
+    if let Some(preview) = &report.preview {
+        println!(
+            "preview of {} ({}×{}) in {}",
+            preview.layer,
+            preview.width,
+            preview.height,
+            preview.path.display()
+        );
     }
     Ok(())
 }
