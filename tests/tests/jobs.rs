@@ -97,6 +97,32 @@ fn wait_done(node: &Node, id: &str, within: Duration) -> Result<Value> {
     })
 }
 
+/// Listens to `node`'s `GET /v1/events` on a thread; the returned channel yields each job id
+/// the stream names.
+fn job_events(node: &Node) -> Result<std::sync::mpsc::Receiver<String>> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(node.api_addr()?)?;
+    write!(
+        stream,
+        "GET /v1/events HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\r\n",
+        node.api_token()?
+    )?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            if let Some(data) = line.strip_prefix("data: ")
+                && let Ok(change) = serde_json::from_str::<Value>(data)
+                && let Some(job) = change["job"].as_str()
+                && tx.send(job.to_owned()).is_err()
+            {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 /// Every render the stand-in logged: (first frame, frames, sample offset, samples) → count.
 fn renders(log: &Path) -> Result<BTreeMap<(u32, u32, u32, u32), u32>> {
     let text = fs::read_to_string(log).unwrap_or_default();
@@ -134,9 +160,15 @@ fn a_job_is_rendered_across_the_mesh_and_every_frame_once() {
     e2e(|| {
         let nodes = mesh(2)?;
         let (hash, log) = scene(&nodes[0], 2)?;
+        // A peer that did not submit hears of the job's changes on its event stream.
+        let events = job_events(&nodes[2])?;
         // 12 frames of 100 samples at 2 ms a sample: 0.2 s a task.
         let id = submit(&nodes[0], &hash, "1-12", 100, "frames")?;
         let view = wait_done(&nodes[0], &id, JOB_WITHIN)?;
+        let heard = events
+            .recv_timeout(Duration::from_secs(30))
+            .context("no job change on the event stream")?;
+        assert_eq!(heard, id);
         assert_eq!(covered_frames(&view), (1..=12).collect::<Vec<_>>());
         assert_eq!(progress(&view), (1200, 1200));
         // Every peer converged on the same outcome.

@@ -55,6 +55,10 @@ const INBOX: usize = 1024;
 /// Gossip waiting to be published, in order. The board publishes one event per state change.
 const PUBLISH_QUEUE: usize = 4096;
 
+/// Starts and stops waiting for the render actor: the board starts one task at a time and
+/// stops it at most once, so a handful at most.
+const RENDER_QUEUE: usize = 64;
+
 /// Changes waiting for API event-stream subscribers; a slow subscriber misses the oldest.
 const CHANGES: usize = 256;
 
@@ -176,6 +180,8 @@ impl Board {
         };
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         tokio::spawn(publisher(setup.net.clone(), publish_rx));
+        let (render_tx, render_rx) = mpsc::channel(RENDER_QUEUE);
+        tokio::spawn(forward_to_render(setup.render.clone(), render_rx));
         let work = setup.streams.incoming(WORK_PROTOCOL)?;
         tokio::spawn(serve_work(work, board.clone()));
         let sync = setup.streams.incoming(BOARD_PROTOCOL)?;
@@ -197,7 +203,7 @@ impl Board {
             waiting: Vec::new(),
             net_streams: setup.streams,
             blobs: setup.blobs,
-            render: setup.render,
+            render: render_tx,
             database: setup.database,
             inbox,
             tx,
@@ -271,7 +277,8 @@ struct BoardActor {
     waiting: Vec<BoardMessage>,
     net_streams: Streams,
     blobs: Blobs,
-    render: Render,
+    /// Starts and stops for the render actor, forwarded in order.
+    render: mpsc::Sender<RenderMessage>,
     database: Arc<redb::Database>,
     inbox: mpsc::Receiver<BoardMessage>,
     tx: mpsc::Sender<BoardMessage>,
@@ -557,11 +564,6 @@ impl BoardActor {
                 Action::Publish(event) => {
                     let topic = event.body().topic();
                     let bytes = event.signed().to_bytes();
-                    if let Some(job) = event.body().job() {
-                        let _ = self.changes.send(JobChange {
-                            job: job.to_string(),
-                        });
-                    }
                     if self.publish.try_send((topic, bytes)).is_err() {
                         tracing::warn!("gossip queue full: an event waits for anti-entropy");
                     }
@@ -674,7 +676,7 @@ impl BoardActor {
         self.persist(&mut to_persist);
     }
 
-    /// Commits `events` in one transaction.
+    /// Commits `events` in one transaction, then announces their jobs' change.
     fn persist(&mut self, events: &mut Vec<blendnet_proto::VerifiedEvent>) {
         if events.is_empty() {
             return;
@@ -694,18 +696,24 @@ impl BoardActor {
         if let Err(e) = result {
             tracing::error!(error = %e, events = events.len(), "could not save job events");
         }
+        // Every accepted event (ours, or a peer's) changed its job: tell the event stream once
+        // per job.
+        let jobs: std::collections::BTreeSet<JobId> =
+            events.iter().filter_map(|e| e.body().job()).collect();
+        for job in jobs {
+            let _ = self.changes.send(JobChange {
+                job: job.to_string(),
+            });
+        }
         events.clear();
     }
 
+    /// Hands a start or stop to the render actor through the forwarder, in order (a stop must
+    /// never overtake its start), without this loop waiting on the render actor.
     fn to_render(&self, message: RenderMessage) {
-        let render = self.render.clone();
-        // The board starts one task at a time and stops it at most once, so the render inbox
-        // never holds many; sending from a task keeps this loop from waiting on it.
-        tokio::spawn(async move {
-            if !render.send(message).await {
-                tracing::error!("the render actor has stopped");
-            }
-        });
+        if self.render.try_send(message).is_err() {
+            tracing::error!("the render queue is full or the render actor has stopped");
+        }
     }
 
     /// Anti-entropy with one random live member.
@@ -886,6 +894,16 @@ async fn publisher(net: Net, mut queue: mpsc::Receiver<(Topic, Vec<u8>)>) {
             // Nobody subscribed yet, or a full queue: anti-entropy carries it later.
             Ok(Err(e)) => tracing::debug!(error = %e, "job event not gossiped"),
             Err(_) => return,
+        }
+    }
+}
+
+/// Hands starts and stops to the render actor in the order the board gave them.
+async fn forward_to_render(render: Render, mut queue: mpsc::Receiver<RenderMessage>) {
+    while let Some(message) = queue.recv().await {
+        if !render.send(message).await {
+            tracing::error!("the render actor has stopped");
+            return;
         }
     }
 }
