@@ -1103,6 +1103,47 @@ pub fn blender() -> PathBuf {
     path
 }
 
+/// How long one headless Blender run of the tests may take (a small render or a merge).
+pub const BLENDER_RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs Blender headless with factory settings on the Python `expr`, optionally with a scene
+/// loaded first; a Python error fails the run (with Blender's stderr in the error).
+pub fn blender_python(scene: Option<&Path>, expr: &str) -> Result<Output> {
+    let mut cmd = Command::new(blender());
+    cmd.args(["-b", "--factory-startup"]);
+    if let Some(scene) = scene {
+        cmd.arg(scene);
+    }
+    cmd.args(["--python-exit-code", "1", "--python-expr", expr]);
+    let out = run_bounded(&mut cmd, BLENDER_RUN_TIMEOUT)?;
+    ensure!(
+        out.status.success(),
+        "Blender's Python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+/// Merges EXRs with Blender's own `_cycles.merge`, the reference for slice merging.
+pub fn cycles_merge(inputs: &[impl AsRef<Path>], output: &Path) -> Result<()> {
+    let inputs: Vec<String> = inputs
+        .iter()
+        .map(|p| p.as_ref().to_str().map(str::to_owned))
+        .collect::<Option<_>>()
+        .context("an input path is not UTF-8")?;
+    let expr = format!(
+        "import _cycles; _cycles.merge(input={inputs:?}, output={:?})",
+        output.to_str().context("the output path is not UTF-8")?
+    );
+    blender_python(None, &expr).context("_cycles.merge")?;
+    ensure!(
+        output.exists(),
+        "_cycles.merge wrote no {}",
+        output.display()
+    );
+    Ok(())
+}
+
 /// A small Cycles scene made by Blender from its factory startup file (the cube, 32×24 pixels,
 /// 8 samples, denoising off, so Debian's build without OpenImageDenoise renders it), after
 /// running the Python `extra` on it; saved as `dir/name.blend`.
@@ -1122,23 +1163,8 @@ pub fn blender_scene(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
          bpy.ops.wm.save_as_mainfile(filepath={:?})\n",
         path.to_str().context("scene path is not UTF-8")?
     );
-    let out = run_bounded(
-        Command::new(blender())
-            .args([
-                "-b",
-                "--factory-startup",
-                "--python-exit-code",
-                "1",
-                "--python-expr",
-            ])
-            .arg(script),
-        CLI_TIMEOUT,
-    )?;
-    ensure!(
-        out.status.success() && path.exists(),
-        "making the scene {name} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    blender_python(None, &script).with_context(|| format!("making the scene {name}"))?;
+    ensure!(path.exists(), "Blender did not save {}", path.display());
     Ok(path)
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use blendnet_exr::{MergeOptions, PreviewOptions, RunningMerge, merge, preview};
-use blendnet_tests::{blender, blender_scene, run_bounded};
+use blendnet_tests::{blender, blender_scene, cycles_merge, run_bounded};
 use exr::prelude::*;
 
 /// How long one Blender run (rendering a few tiny slices, or merging) may take.
@@ -73,32 +73,6 @@ fn render_slices(
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(paths)
-}
-
-/// Merges with Blender's `_cycles.merge`, the reference.
-fn cycles_merge(inputs: &[PathBuf], output: &Path) -> Result<()> {
-    let inputs: Vec<&str> = inputs.iter().filter_map(|p| p.to_str()).collect();
-    let expr = format!(
-        "import _cycles; _cycles.merge(input={inputs:?}, output={:?})",
-        output.to_str().context("path is not UTF-8")?
-    );
-    let out = run_bounded(
-        Command::new(blender()).args([
-            "-b",
-            "--factory-startup",
-            "--python-exit-code",
-            "1",
-            "--python-expr",
-            &expr,
-        ]),
-        BLENDER_TIMEOUT,
-    )?;
-    ensure!(
-        out.status.success() && output.exists(),
-        "_cycles.merge failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// An EXR's channels (name → type and values as f32) and attributes (name → debug text).

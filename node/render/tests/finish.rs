@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blendnet_render::{FinishError, RenderTask, SliceMode, Worker, finish};
-use blendnet_tests::{blender, blender_scene};
+use blendnet_tests::{blender, blender_python, blender_scene, cycles_merge};
 
 /// Renders frame 1 of `scene` the way an artist does (`blender -b scene -f 1`), into `dir`.
 fn local_render(scene: &Path, dir: &Path) -> PathBuf {
@@ -45,27 +45,7 @@ async fn sliced_and_merged(scene: &Path, dir: &Path, samples: u32) -> PathBuf {
     }
     worker.quit().await;
     let merged = dir.join("merged.exr");
-    let inputs: Vec<&str> = parts.iter().map(|p| p.to_str().unwrap()).collect();
-    let expr = format!(
-        "import _cycles; _cycles.merge(input={inputs:?}, output={:?})",
-        merged.to_str().unwrap()
-    );
-    let out = Command::new(blender())
-        .args([
-            "-b",
-            "--factory-startup",
-            "--python-exit-code",
-            "1",
-            "--python-expr",
-            &expr,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cycles_merge(&parts, &merged).unwrap();
     merged
 }
 
@@ -81,22 +61,12 @@ fn pixel_difference(a: &Path, b: &Path) -> (f64, usize) {
         a.to_str().unwrap(),
         b.to_str().unwrap()
     );
-    let out = Command::new(blender())
-        .args([
-            "-b",
-            "--factory-startup",
-            "--python-exit-code",
-            "1",
-            "--python-expr",
-            &expr,
-        ])
-        .output()
-        .unwrap();
+    let out = blender_python(None, &expr).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
         .find_map(|l| l.strip_prefix("DIFF "))
-        .unwrap_or_else(|| panic!("no comparison: {}", String::from_utf8_lossy(&out.stderr)));
+        .expect("Blender printed no comparison");
     let (max, count) = line.split_once(' ').unwrap();
     (max.parse().unwrap(), count.parse().unwrap())
 }

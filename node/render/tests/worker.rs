@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use blendnet_render::{
     ErrorKind, Progress, RenderError, RenderTask, SliceMode, StartError, Worker,
 };
-use blendnet_tests::{blender, blender_scene};
+use blendnet_tests::{blender, blender_scene, cycles_merge};
 
 /// A scene made by Blender (see [`blender_scene`]).
 fn scene(dir: &Path, name: &str, extra: &str) -> PathBuf {
@@ -121,31 +121,6 @@ fn channels(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
     out
 }
 
-/// Merges EXRs with Blender's own `_cycles.merge`, the reference for slice merging.
-fn cycles_merge(inputs: &[&Path], output: &Path) {
-    let inputs: Vec<&str> = inputs.iter().map(|p| p.to_str().unwrap()).collect();
-    let expr = format!(
-        "import _cycles; _cycles.merge(input={inputs:?}, output={:?})",
-        output.to_str().unwrap()
-    );
-    let out = Command::new(blender())
-        .args([
-            "-b",
-            "--factory-startup",
-            "--python-exit-code",
-            "1",
-            "--python-expr",
-        ])
-        .arg(expr)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && output.exists(),
-        "_cycles.merge failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test]
 async fn two_slices_merged_by_cycles_equal_one_render_of_all_samples() {
     let dir = tempfile::tempdir().unwrap();
@@ -175,7 +150,7 @@ async fn two_slices_merged_by_cycles_equal_one_render_of_all_samples() {
     worker.quit().await;
 
     let merged = dir.path().join("merged.exr");
-    cycles_merge(&[&a.outputs[0], &b.outputs[0]], &merged);
+    cycles_merge(&[&a.outputs[0], &b.outputs[0]], &merged).unwrap();
     let (merged, whole) = (channels(&merged), channels(&whole.outputs[0]));
     assert_eq!(
         merged.keys().collect::<Vec<_>>(),
