@@ -3,8 +3,9 @@
     blender -b -Y scene.blend -P finish.py -- MERGED.exr FRAME OUTPUT_DIR
 
 Makes the file the artist would get from a local render out of a merged multilayer EXR:
-denoises it when the scene asks (Cycles' own denoiser on the stored denoising passes), then
-runs the scene's compositor on it and writes the scene's output format with its color
+denoises it when the scene asks (the compositor's Denoise node with the scene's denoiser
+settings, on the stored denoising passes, as Cycles does after a render), then runs the
+scene's compositor on it and writes the scene's output format with its color
 management, named as Blender names frames. The compositor reads the merged EXR through Image
 nodes in place of the Render Layers nodes; the scene itself is emptied so the render that
 drives the compositor costs next to nothing. The result goes through Blender's own write path,
@@ -34,22 +35,43 @@ def fail(kind, message):
     sys.exit(0)
 
 
-def denoise(scene, merged, work_dir):
-    """Cycles' denoiser over the merged EXR (its denoising data passes), or a named error."""
+def check_denoiser():
     import _cycles
 
     if not getattr(_cycles, "with_openimagedenoise", False):
         fail("denoiser_missing",
              "the scene asks for denoising, but this Blender has no OpenImageDenoise")
-    out = os.path.join(work_dir, "denoised.exr")
-    try:
-        bpy.ops.cycles.denoise_animation(input_filepath=merged, output_filepath=out)
-    except RuntimeError as e:
-        fail("denoise_failed", f"denoising failed: {e}")
-    return out
 
 
-def compose_from(scene, merged):
+def source_of(tree, image, layer, denoise, scene):
+    """An Image node reading `layer` of the merged EXR, and the socket that gives its (denoised)
+    combined pass. Denoising is the compositor's Denoise node with the scene's own denoiser
+    settings, fed the stored denoising passes: what Cycles does at the end of a render."""
+    source = tree.nodes.new("CompositorNodeImage")
+    source.image = image
+    if layer is not None:
+        source.layer = layer
+    combined = source.outputs["Combined"]
+    if not denoise:
+        return source, combined
+    node = tree.nodes.new("CompositorNodeDenoise")
+    node.prefilter = scene.cycles.denoising_prefilter
+    node.use_hdr = True
+    if hasattr(node, "quality") and hasattr(scene.cycles, "denoising_quality"):
+        node.quality = scene.cycles.denoising_quality
+    tree.links.new(combined, node.inputs["Image"])
+    guides = scene.cycles.denoising_input_passes
+    for guide, wanted in (("Normal", guides == "RGB_ALBEDO_NORMAL"),
+                          ("Albedo", guides in ("RGB_ALBEDO", "RGB_ALBEDO_NORMAL"))):
+        name = f"Denoising {guide}"
+        if wanted:
+            if name not in source.outputs:
+                fail("pass_missing", f"the merged frame lacks the {name} pass the denoiser needs")
+            tree.links.new(source.outputs[name], node.inputs[guide])
+    return source, node.outputs["Image"]
+
+
+def compose_from(scene, merged, denoise):
     """Points the compositor at the merged EXR instead of the render."""
     image = bpy.data.images.load(merged, check_existing=False)
     if not scene.use_nodes or scene.node_tree is None:
@@ -57,24 +79,24 @@ def compose_from(scene, merged):
         tree = scene.node_tree
         for node in list(tree.nodes):
             tree.nodes.remove(node)
-        source = tree.nodes.new("CompositorNodeImage")
-        source.image = image
+        source, combined = source_of(tree, image, None, denoise, scene)
         composite = tree.nodes.new("CompositorNodeComposite")
-        tree.links.new(source.outputs["Combined"], composite.inputs["Image"])
+        tree.links.new(combined, composite.inputs["Image"])
         tree.links.new(source.outputs["Alpha"], composite.inputs["Alpha"])
         return
     tree = scene.node_tree
     for layers in [n for n in tree.nodes if n.bl_idname == "CompositorNodeRLayers"]:
-        source = tree.nodes.new("CompositorNodeImage")
-        source.image = image
-        source.layer = layers.layer
+        source, combined = source_of(tree, image, layers.layer, denoise, scene)
         source.location = layers.location
         for link in [l for l in tree.links if l.from_node == layers]:
             # A Render Layers node calls the combined pass "Image"; an Image node, "Combined".
-            name = "Combined" if link.from_socket.name == "Image" else link.from_socket.name
+            if link.from_socket.name == "Image":
+                tree.links.new(combined, link.to_socket)
+                continue
+            name = link.from_socket.name
             if name not in source.outputs:
-                fail("pass_missing", f"the compositor uses pass {link.from_socket.name!r}, "
-                                     f"which the merged frame lacks")
+                fail("pass_missing", f"the compositor uses pass {name!r}, which the merged "
+                                     f"frame lacks")
             tree.links.new(source.outputs[name], link.to_socket)
         tree.nodes.remove(layers)
 
@@ -99,8 +121,8 @@ def main(args):
         fail("bad_request", f"no merged frame at {merged}")
     wants_denoise = scene.render.engine == "CYCLES" and scene.cycles.use_denoising
     if wants_denoise:
-        merged = denoise(scene, merged, out_dir)
-    compose_from(scene, merged)
+        check_denoiser()
+    compose_from(scene, merged, wants_denoise)
     empty(scene)
     scene.render.use_compositing = True
     scene.frame_set(frame)

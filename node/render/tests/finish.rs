@@ -166,3 +166,76 @@ async fn a_blender_that_cannot_denoise_says_so() {
         }
     }
 }
+
+/// Blender 4.2 from the `bpy` wheel, through `tests/bpy-blender/blender`: it has
+/// OpenImageDenoise, which Debian's Blender lacks. `.ci/run` installs the wheel in a venv and
+/// sets `BLENDNET_BPY_PYTHON`; elsewhere the denoise test says it skipped.
+fn bpy_blender() -> Option<PathBuf> {
+    std::env::var_os("BLENDNET_BPY_PYTHON")?;
+    Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/bpy-blender/blender"))
+}
+
+#[tokio::test]
+async fn a_denoised_sliced_frame_is_within_one_step_of_a_denoised_local_render() {
+    let Some(bpy) = bpy_blender() else {
+        eprintln!("SKIPPED: BLENDNET_BPY_PYTHON is not set (.ci/run sets it up)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let scene = png_scene(dir.path(), "denoised", "scene.cycles.use_denoising = True");
+    // The artist's render, denoised, by the same Blender.
+    let local = dir.path().join("local.png");
+    let expr = format!(
+        "import bpy\nbpy.context.scene.render.filepath = {:?}\n\
+         bpy.ops.render.render(write_still=True)",
+        local.to_str().unwrap()
+    );
+    let out = Command::new(&bpy)
+        .args(["-b", "--factory-startup"])
+        .arg(&scene)
+        .args(["--python-exit-code", "1", "--python-expr", &expr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && local.exists(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Slices (denoising off, its passes kept), merged by our merge, finished with denoising.
+    let mut worker = Worker::start(&bpy, &scene, dir.path()).await.unwrap();
+    let mut parts = Vec::new();
+    for (id, offset) in [(1, 0), (2, 8)] {
+        let output_dir = dir.path().join(format!("slice-{id}"));
+        std::fs::create_dir_all(&output_dir).unwrap();
+        let task = RenderTask {
+            id,
+            mode: SliceMode::Slice,
+            frames: vec![1],
+            samples: 8,
+            sample_offset: offset,
+            output_dir,
+            allow_missing: false,
+        };
+        parts.push(worker.render(&task, |_| {}).await.unwrap().outputs[0].clone());
+    }
+    worker.quit().await;
+    let merged = dir.path().join("merged.exr");
+    blendnet_exr::merge(&parts, &merged, &Default::default()).unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let finished = finish(&bpy, &scene, &merged, 1, &out_dir).await.unwrap();
+    let (max, count) = pixel_difference(&local, &finished);
+    eprintln!("denoised: largest difference {max:.2}/255 over {count} values");
+    assert!(
+        max <= 1.0 + 1e-6,
+        "more than 1/255 from the local render: {max}/255"
+    );
+
+    // Not denoising would be far off: the denoiser really ran.
+    let plain = png_scene(dir.path(), "plain", "");
+    let plain_dir = dir.path().join("plain");
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    let noisy = finish(&bpy, &plain, &merged, 1, &plain_dir).await.unwrap();
+    assert!(pixel_difference(&local, &noisy).0 > 2.0);
+}
