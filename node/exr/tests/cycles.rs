@@ -4,16 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use blendnet_exr::{MergeOptions, PreviewOptions, RunningMerge, merge, preview};
-use blendnet_tests::{blender, blender_scene, cycles_merge, run_bounded};
+use blendnet_tests::{blender_python, blender_scene, cycles_merge};
 use exr::prelude::*;
-
-/// How long one Blender run (rendering a few tiny slices, or merging) may take.
-const BLENDER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The tolerance asked of every pixel: relative or absolute.
 const TOLERANCE: f64 = 1e-6;
@@ -58,19 +53,10 @@ fn render_slices(
             path.to_str().context("path is not UTF-8")?
         ));
     }
-    let out = run_bounded(
-        Command::new(blender()).arg("-b").arg(scene).args([
-            "--python-exit-code",
-            "1",
-            "--python-expr",
-            &script,
-        ]),
-        BLENDER_TIMEOUT,
-    )?;
+    blender_python(Some(scene), &script).context("rendering slices")?;
     ensure!(
-        out.status.success() && paths.iter().all(|p| p.exists()),
-        "rendering slices failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        paths.iter().all(|p| p.exists()),
+        "rendering slices: Blender wrote no file"
     );
     Ok(paths)
 }

@@ -10,11 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use blendnet_exr::{InputError, MergeError, MergeOptions, merge};
-use blendnet_tests::{blender, blender_scene, run_bounded};
+use blendnet_tests::{blender_python, blender_scene};
 use exr::prelude::*;
-
-/// How long Blender may take to render the few tiny frames below.
-const BLENDER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Renders `(width, height, file format)` frames of one small scene in one Blender process.
 fn render(dir: &Path, frames: &[(u32, u32, &str, &str)]) -> Result<Vec<PathBuf>> {
@@ -36,19 +33,10 @@ fn render(dir: &Path, frames: &[(u32, u32, &str, &str)]) -> Result<Vec<PathBuf>>
         ));
         paths.push(path);
     }
-    let out = run_bounded(
-        Command::new(blender()).arg("-b").arg(&scene).args([
-            "--python-exit-code",
-            "1",
-            "--python-expr",
-            &script,
-        ]),
-        BLENDER_TIMEOUT,
-    )?;
+    blender_python(Some(&scene), &script).context("rendering")?;
     ensure!(
-        out.status.success() && paths.iter().all(|p| p.exists()),
-        "rendering failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        paths.iter().all(|p| p.exists()),
+        "rendering: Blender wrote no file"
     );
     Ok(paths)
 }
