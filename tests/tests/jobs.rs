@@ -218,8 +218,9 @@ fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
     e2e(|| {
         let mut nodes = mesh(2)?;
         let (hash, log) = scene(&nodes[0], 10)?;
-        // 16 frames of 100 samples at 10 ms a sample: 1 s a task, about 6 s on three peers.
-        let id = submit(&nodes[0], &hash, "1-16", 100, "frames")?;
+        // 40 frames of 100 samples at 10 ms a sample: 1 s a task, about 14 s on three peers,
+        // so the kill below lands mid-job even when the checks before it are slow.
+        let id = submit(&nodes[0], &hash, "1-40", 100, "frames")?;
         let a = nodes[0].peer_id()?;
         // While it renders, every peer's status shows what the others render, samples too.
         eventually(Duration::from_secs(30), Duration::from_millis(200), || {
@@ -242,7 +243,13 @@ fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
                 "{:?}",
                 coordinator(&view)
             );
-            ensure!(progress(&view).0 >= 200, "progress {:?}", progress(&view));
+            let (done, total) = progress(&view);
+            ensure!(done >= 200, "progress {done}/{total}");
+            // Past half, the kill would prove little; the test is set up so this never fails.
+            assert!(
+                done < total / 2,
+                "the job got to {done}/{total} before the kill"
+            );
             Ok(())
         })?;
         let killed_at = Instant::now();
@@ -254,7 +261,7 @@ fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
             "the job finished in epoch {epoch}: nobody took over"
         );
         assert_ne!(peer, a, "the dead submitter still coordinates");
-        assert_eq!(covered_frames(&view), (1..=16).collect::<Vec<_>>());
+        assert_eq!(covered_frames(&view), (1..=40).collect::<Vec<_>>());
         wait_done(&nodes[2], &id, Duration::from_secs(30))?;
         eprintln!(
             "job done {:.1} s after the coordinator was killed",
@@ -262,7 +269,7 @@ fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
         );
         let rendered = renders(&log)?;
         let frames: u32 = rendered.keys().map(|k| k.1).sum();
-        assert!(frames >= 16, "rendered {rendered:?}");
+        assert!(frames >= 40, "rendered {rendered:?}");
         Ok(())
     });
 }
