@@ -91,6 +91,9 @@ pub const FETCH_RETRY_MS: u64 = 15_000;
 /// Grace left to a lease whose worker disconnected: a reconnect within it keeps the lease;
 /// after it, the task is granted again without waiting for the whole lease.
 pub const DEPARTED_GRACE_MS: u64 = 5_000;
+/// How long a frame's merge waits for its elected merger to ask for work before anyone may take
+/// it: an idle peer asks every [`NO_WORK_RETRY_MS`], so one that does not is busy or gone.
+pub const MERGE_PREFERENCE_MS: u64 = NO_WORK_RETRY_MS + 1_000;
 /// Distinct peers a task may fail on before the job fails (DESIGN §7).
 pub const MAX_TASK_FAILURES: usize = 3;
 /// Least time between two [`Action::SyncJob`] hints for one job: one pull is enough to learn a
@@ -208,13 +211,14 @@ pub enum Action {
     SendWork { to: PeerId, request: WorkRequest },
     /// Answer the work request `id`.
     RespondWork { id: u64, response: WorkResponse },
-    /// Render `task` of `job` under `lease`; report [`Input::TaskFinished`] or
-    /// [`Input::TaskFailed`].
+    /// Render `task` of `job` under `lease` (for a merge: merge the slice results `inputs`
+    /// and finish the frame); report [`Input::TaskFinished`] or [`Input::TaskFailed`].
     StartTask {
         job: JobId,
         spec: Arc<JobSpec>,
         task: TaskSpec,
         lease: Lease,
+        inputs: Vec<BlobHash>,
     },
     /// Stop rendering `task` (kill or abandon the Blender run); report nothing.
     StopTask {
@@ -414,6 +418,8 @@ struct Entry {
 #[derive(Debug, Clone, Copy)]
 struct Mesh<'a> {
     me: PeerId,
+    /// Whether this node renders.
+    me_renders: bool,
     members: &'a HashMap<PeerId, Member>,
     /// Live members, this node included.
     live: usize,
@@ -426,6 +432,17 @@ struct Mesh<'a> {
 impl Mesh<'_> {
     fn is_live(&self, peer: &PeerId) -> bool {
         *peer == self.me || self.members.get(peer).is_some_and(|m| m.live)
+    }
+
+    /// Live peers that render, this node included if it does.
+    fn live_render_peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        let me = self.me_renders.then_some(self.me);
+        me.into_iter().chain(
+            self.members
+                .values()
+                .filter(|m| m.live && m.renders && m.roles.contains(Role::Render))
+                .map(|m| m.peer),
+        )
     }
 }
 

@@ -97,10 +97,15 @@ impl Plan {
         }
     }
 
-    /// Whether `task` can be a task of this plan.
+    /// Whether `task` can be a task of this plan: a planned whole-frame task, or a slice or
+    /// the merge of a sample-split frame.
     pub fn admits(&self, task: &TaskSpec) -> bool {
         match self {
             Plan::Frames { tasks } => tasks.contains(task),
+            Plan::Samples { frames, samples } if task.is_merge() => {
+                *task == TaskSpec::merge(task.frame_start, *samples)
+                    && frames.contains(&task.frame_start)
+            }
             Plan::Samples { frames, samples } => {
                 task.frame_count == 1
                     && frames.contains(&task.frame_start)
@@ -135,12 +140,7 @@ pub fn frame_tasks(spec: &JobSpec) -> Vec<TaskSpec> {
             {
                 t.frame_count += 1;
             }
-            _ => out.push(TaskSpec {
-                frame_start: f,
-                frame_count: 1,
-                sample_offset: 0,
-                samples: spec.samples,
-            }),
+            _ => out.push(TaskSpec::render(f, 1, 0, spec.samples)),
         }
     }
     out
@@ -454,7 +454,10 @@ pub struct Job {
     tasks: BTreeMap<TaskSpec, TaskRecord>,
     /// Sample-split jobs only.
     frames: BTreeMap<u32, FrameCover>,
+    /// Frames whose cover is done (sample-split jobs).
     done_frames: usize,
+    /// Frames whose merge is done (sample-split jobs).
+    merged_frames: usize,
     /// Whole-frame jobs only.
     done_tasks: usize,
     speed: Speed,
@@ -483,6 +486,7 @@ impl Job {
             tasks: BTreeMap::new(),
             frames: BTreeMap::new(),
             done_frames: 0,
+            merged_frames: 0,
             done_tasks: 0,
             speed: Speed::default(),
             speed_by_worker: BTreeMap::new(),
@@ -500,6 +504,7 @@ impl Job {
         self.tasks.clear();
         self.frames.clear();
         self.done_frames = 0;
+        self.merged_frames = 0;
         self.done_tasks = 0;
         self.speed = Speed::default();
         self.speed_by_worker.clear();
@@ -590,15 +595,49 @@ impl Job {
         }
     }
 
-    /// Whether `task` is in the cover (a task the job needs).
+    /// Whether `task` is in the cover (a task the job needs). A frame's merge is needed once
+    /// its slices are all done.
     pub fn in_cover(&self, task: &TaskSpec) -> bool {
         match &self.plan {
             Plan::Frames { tasks } => tasks.contains(task),
+            Plan::Samples { .. } if task.is_merge() => {
+                self.merge_inputs(task.frame_start).is_some()
+            }
             Plan::Samples { .. } => self
                 .frames
                 .get(&task.frame_start)
                 .is_some_and(|f| f.cover.contains(task)),
         }
+    }
+
+    /// The results of a sample-split frame's slices, once they are all done: what its merge
+    /// takes, in sample order.
+    pub fn merge_inputs(&self, frame: u32) -> Option<Vec<BlobHash>> {
+        let Plan::Samples { samples, .. } = &self.plan else {
+            return None;
+        };
+        let cover = self.frames.get(&frame)?;
+        if cover.done_samples != u64::from(*samples) {
+            return None;
+        }
+        cover
+            .cover
+            .iter()
+            .map(|t| match self.tasks.get(t)?.state {
+                TaskState::Done { result, .. } => Some(result),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The finished outputs known so far: the done merges of a sample-split job, or the done
+    /// tasks of a whole-frame job, with the result blob (a manifest) of each.
+    pub fn outputs(&self) -> impl Iterator<Item = (TaskSpec, BlobHash)> + '_ {
+        let merges = matches!(self.plan, Plan::Samples { .. });
+        self.tasks.iter().filter_map(move |(t, r)| match r.state {
+            TaskState::Done { result, .. } if t.is_merge() == merges => Some((*t, result)),
+            _ => None,
+        })
     }
 
     /// The uncovered sample ranges of each frame with any, in frame order (sample-split jobs).
@@ -650,11 +689,13 @@ impl Job {
         }
     }
 
-    /// Whether every frame is covered by done tasks.
+    /// Whether every frame is done: rendered, and merged if it was split.
     pub fn is_complete(&self) -> bool {
         match &self.plan {
             Plan::Frames { tasks } => self.done_tasks == tasks.len(),
-            Plan::Samples { frames, .. } => self.done_frames == frames.len(),
+            Plan::Samples { frames, .. } => {
+                self.done_frames == frames.len() && self.merged_frames == frames.len()
+            }
         }
     }
 
@@ -796,8 +837,12 @@ impl Job {
                     epoch: *epoch,
                     result: *result,
                 });
-                if !was_done && matches!(self.plan, Plan::Frames { .. }) {
-                    self.done_tasks += 1;
+                if !was_done {
+                    match self.plan {
+                        Plan::Frames { .. } => self.done_tasks += 1,
+                        Plan::Samples { .. } if task.is_merge() => self.merged_frames += 1,
+                        Plan::Samples { .. } => {}
+                    }
                 }
                 self.task_changed(*task, applied);
             }
@@ -816,7 +861,11 @@ impl Job {
     fn record(&mut self, task: TaskSpec, applied: &mut Applied) -> &mut TaskRecord {
         if let std::collections::btree_map::Entry::Vacant(v) = self.tasks.entry(task) {
             v.insert(TaskRecord::default());
-            if let Some(frame) = self.frames.get_mut(&task.frame_start) {
+            if let Some(frame) = self
+                .frames
+                .get_mut(&task.frame_start)
+                .filter(|_| !task.is_merge())
+            {
                 if !frame.conflicted {
                     let r = task.sample_range();
                     let clash = frame
@@ -836,11 +885,15 @@ impl Job {
         self.tasks.get_mut(&task).expect("inserted above")
     }
 
-    /// Recomputes the cover and done samples of `task`'s frame (sample-split jobs).
+    /// Recomputes the cover and done samples of `task`'s frame (sample-split jobs); a frame
+    /// that becomes done gets its merge task, and either way its merge is reported changed.
     fn task_changed(&mut self, task: TaskSpec, applied: &mut Applied) {
         let Plan::Samples { samples, .. } = self.plan else {
             return;
         };
+        if task.is_merge() {
+            return;
+        }
         let Some(frame) = self.frames.get_mut(&task.frame_start) else {
             return;
         };
@@ -872,6 +925,11 @@ impl Job {
             (false, true) => self.done_frames += 1,
             (true, false) => self.done_frames -= 1,
             _ => {}
+        }
+        if was_done != is_done || is_done {
+            let merge = TaskSpec::merge(task.frame_start, samples);
+            self.tasks.entry(merge).or_default();
+            applied.tasks.insert(merge);
         }
     }
 }
@@ -961,23 +1019,13 @@ mod tests {
         let plan = Plan::of(&s);
         assert_eq!(plan.units(), 8 * 64);
         assert!(plan.admits(&frame_tasks(&s)[0]));
-        assert!(!plan.admits(&TaskSpec {
-            frame_start: 1,
-            frame_count: 1,
-            sample_offset: 0,
-            samples: 64
-        }));
+        assert!(!plan.admits(&TaskSpec::render(1, 1, 0, 64)));
     }
 
     #[test]
     fn a_still_is_sliced_and_slices_must_fit_the_frame() {
         let plan = Plan::of(&spec(vec![5], 100, Split::Auto));
-        let t = |o, s| TaskSpec {
-            frame_start: 5,
-            frame_count: 1,
-            sample_offset: o,
-            samples: s,
-        };
+        let t = |o, s| TaskSpec::render(5, 1, o, s);
         assert!(plan.admits(&t(0, 100)) && plan.admits(&t(99, 1)));
         assert!(!plan.admits(&t(99, 2)));
         assert!(!plan.admits(&TaskSpec {
@@ -987,12 +1035,7 @@ mod tests {
     }
 
     fn slice(o: u32, s: u32) -> TaskSpec {
-        TaskSpec {
-            frame_start: 0,
-            frame_count: 1,
-            sample_offset: o,
-            samples: s,
-        }
+        TaskSpec::render(0, 1, o, s)
     }
 
     #[test]
@@ -1096,6 +1139,7 @@ mod tests {
                     worker: id_of(worker),
                     backup: false,
                 },
+                inputs: vec![],
             },
         )
         .unwrap()
@@ -1196,15 +1240,44 @@ mod tests {
     }
 
     #[test]
-    fn a_job_is_done_when_every_frame_is_covered_by_done_tasks() {
+    fn a_job_is_done_when_every_frame_is_covered_by_done_tasks_and_merged() {
         let (good, _) = ranked();
         let mut j = Job::new(cast().submitted.clone()).unwrap();
+        let merge = TaskSpec::merge(1, 64);
         j.accept(done(good, 1, 0, 16)).unwrap();
-        assert_eq!(j.status(), JobStatus::Active);
+        assert_eq!(j.merge_inputs(1), None);
+        assert!(!j.in_cover(&merge));
         let applied = j.accept(done(good, 1, 16, 48)).unwrap();
+        // The frame is rendered: its merge becomes a task, fed the slices in sample order.
+        assert!(applied.tasks.contains(&merge));
+        assert!(j.in_cover(&merge));
+        assert_eq!(
+            j.merge_inputs(1),
+            Some(vec![BlobHash([0; 32]), BlobHash([16; 32])])
+        );
+        assert!(j.holes().next().is_none());
+        assert_eq!(j.status(), JobStatus::Active);
+        assert_eq!(j.outputs().count(), 0);
+        let merged = SignedEvent::sign(
+            &cast().keys[good],
+            EventBody::Done {
+                job: j.id(),
+                task: merge,
+                result: BlobHash([9; 32]),
+                epoch: 1,
+            },
+        )
+        .unwrap();
+        let applied = j.accept(merged).unwrap();
         assert!(applied.status_changed);
         assert_eq!(j.status(), JobStatus::Done);
-        assert!(j.holes().next().is_none());
+        assert_eq!(
+            j.outputs().collect::<Vec<_>>(),
+            vec![(merge, BlobHash([9; 32]))]
+        );
+        // A merge of another size, or of a frame the job lacks, is no task of it.
+        assert!(!j.plan().admits(&TaskSpec::merge(1, 63)));
+        assert!(!j.plan().admits(&TaskSpec::merge(2, 64)));
         let cancel =
             SignedEvent::sign(&cast().keys[good], EventBody::Cancelled { job: j.id() }).unwrap();
         assert_eq!(j.accept(cancel), Err(Refused::NotSubmitter));

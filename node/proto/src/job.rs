@@ -32,8 +32,11 @@ use std::sync::Arc;
 /// gossipsub's own framing, so every event we sign can be published and relayed by any peer.
 pub const MAX_EVENT_BYTES: usize = 60 * 1024;
 /// Largest encoded [`WorkRequest`] or [`WorkResponse`]: each carries at most one event that is
-/// not a submission (under 2 KiB with the longest failure reason), plus a few fields.
-pub const MAX_WORK_BYTES: usize = 8 * 1024;
+/// not a submission (a merge's grant, with its inputs, is the largest), plus a few fields.
+pub const MAX_WORK_BYTES: usize = MAX_EVENT_BYTES + 4 * 1024;
+/// Most slices one merge takes: a 4096-sample frame cut into 4-sample slices, far beyond what
+/// sizing carves, and 32 KiB of hashes in a grant.
+pub const MAX_MERGE_INPUTS: usize = 1024;
 /// Most frames in one job: ten thousand frames (seven minutes at 24 fps per job) keep the
 /// explicit frame list of a submission far under [`MAX_EVENT_BYTES`].
 pub const MAX_FRAMES: usize = 10_000;
@@ -320,12 +323,29 @@ fn truncated(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
+/// What a task does.
+///
+/// Merges come first in [`TaskSpec`]'s order, so a coordinator grants a frame's merge before
+/// more rendering: finished frames reach the artist as early as they can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Merge a sample-split frame's slices and finish it into the scene's output file. The
+    /// task names the frame and all its samples (`frame_count` 1, `sample_offset` 0); its grant
+    /// names the slices.
+    Merge,
+    /// Render samples of frames with Blender.
+    Render,
+}
+
 /// The unit of work, named by its content: a run of frames, and a slice of samples of each.
 ///
 /// Whole-frame tasks have `sample_offset` 0 and `samples` equal to the job's samples. Ordered
-/// by frame, then by sample offset, which is the order tasks are granted in.
+/// by kind (merges first), then by frame, then by sample offset, which is the order tasks are
+/// granted in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TaskSpec {
+    pub kind: TaskKind,
     pub frame_start: u32,
     pub frame_count: u32,
     pub sample_offset: u32,
@@ -333,6 +353,33 @@ pub struct TaskSpec {
 }
 
 impl TaskSpec {
+    /// A task that renders `samples` samples from `sample_offset` of `frame_count` frames.
+    pub fn render(frame_start: u32, frame_count: u32, sample_offset: u32, samples: u32) -> Self {
+        TaskSpec {
+            kind: TaskKind::Render,
+            frame_start,
+            frame_count,
+            sample_offset,
+            samples,
+        }
+    }
+
+    /// The merge of `frame`, a frame of `samples` samples.
+    pub fn merge(frame: u32, samples: u32) -> Self {
+        TaskSpec {
+            kind: TaskKind::Merge,
+            frame_start: frame,
+            frame_count: 1,
+            sample_offset: 0,
+            samples,
+        }
+    }
+
+    /// Whether this is a merge.
+    pub fn is_merge(&self) -> bool {
+        self.kind == TaskKind::Merge
+    }
+
     /// The frames this task renders. Empty if the run would pass `u32::MAX`.
     pub fn frames(&self) -> Range<u32> {
         match self.frame_start.checked_add(self.frame_count) {
@@ -349,21 +396,31 @@ impl TaskSpec {
         }
     }
 
-    /// Whether two tasks render some sample of some frame both.
+    /// Whether two tasks render some sample of some frame both (merges render nothing).
     pub fn overlaps(&self, other: &TaskSpec) -> bool {
+        if self.is_merge() || other.is_merge() {
+            return false;
+        }
         let (f, g) = (self.frames(), other.frames());
         let (s, t) = (self.sample_range(), other.sample_range());
         f.start < g.end && g.start < f.end && s.start < t.end && t.start < s.end
     }
 
-    /// Frames × samples: the amount of work, in the unit sizing measures time by.
+    /// Frames × samples: the amount of render work, in the unit sizing measures time by (0 for
+    /// a merge).
     pub fn units(&self) -> u64 {
+        if self.is_merge() {
+            return 0;
+        }
         u64::from(self.frame_count) * u64::from(self.samples)
     }
 }
 
 impl fmt::Display for TaskSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_merge() {
+            return write!(f, "merge of frame {}", self.frame_start);
+        }
         if self.frame_count == 1 {
             write!(f, "frame {}", self.frame_start)?;
         } else {
@@ -418,11 +475,14 @@ pub enum EventBody {
     /// The coordinator is alive. Not stored: a liveness signal, published every heartbeat.
     /// `beat` differs between heartbeats so that no transport mistakes one for a duplicate.
     Heartbeat { job: JobId, epoch: u64, beat: u64 },
-    /// The coordinator leased `task` to `lease.worker`.
+    /// The coordinator leased `task` to `lease.worker`. A merge's grant names the results of
+    /// the slices to merge, which together render each of the frame's samples once; a render
+    /// task's names none.
     Granted {
         job: JobId,
         task: TaskSpec,
         lease: Lease,
+        inputs: Vec<BlobHash>,
     },
     /// The worker of `lease` rendered `task`; it holds the result blob.
     Rendered {
@@ -465,6 +525,10 @@ pub enum InvalidEvent {
     ZeroEpoch,
     #[error("a lease's seq starts at 1")]
     ZeroSeq,
+    #[error(
+        "a merge takes 1 to {MAX_MERGE_INPUTS} slices and is one frame's; a render task takes none (got {inputs} inputs for {task})"
+    )]
+    BadInputs { task: TaskSpec, inputs: usize },
     #[error("the task is empty or runs past the end of the frame or sample range")]
     EmptyTask,
     #[error("the reason is {0} bytes long; at most {MAX_REASON_BYTES}")]
@@ -557,6 +621,22 @@ impl EventBody {
             EventBody::Submitted { spec } => spec.validate()?,
             EventBody::Granted { lease, .. } if lease.seq == 0 => {
                 return Err(InvalidEvent::ZeroSeq);
+            }
+            EventBody::Granted { task, inputs, .. }
+                if match task.kind {
+                    TaskKind::Merge => {
+                        inputs.is_empty()
+                            || inputs.len() > MAX_MERGE_INPUTS
+                            || task.frame_count != 1
+                            || task.sample_offset != 0
+                    }
+                    TaskKind::Render => !inputs.is_empty(),
+                } =>
+            {
+                return Err(InvalidEvent::BadInputs {
+                    task: *task,
+                    inputs: inputs.len(),
+                });
             }
             EventBody::Rendered { lease, .. } | EventBody::TaskFailed { lease, .. }
                 if lease.worker != *author =>
@@ -950,12 +1030,7 @@ mod tests {
     fn bodies_that_break_a_rule_are_refused_at_verification() {
         let key = Keypair::generate_ed25519();
         let me = key.public().to_peer_id();
-        let task = TaskSpec {
-            frame_start: 1,
-            frame_count: 1,
-            sample_offset: 0,
-            samples: 16,
-        };
+        let task = TaskSpec::render(1, 1, 0, 16);
         let someone = PeerId::random();
         let lease = Lease {
             epoch: 1,
@@ -970,11 +1045,32 @@ mod tests {
                 job,
                 task,
                 lease: Lease { seq: 0, ..lease },
+                inputs: vec![],
             },
             EventBody::Granted {
                 job,
                 task: TaskSpec { samples: 0, ..task },
                 lease,
+                inputs: vec![],
+            },
+            // A render task names no inputs; a merge names at least one, and not too many.
+            EventBody::Granted {
+                job,
+                task,
+                lease,
+                inputs: vec![BlobHash::of(b"x")],
+            },
+            EventBody::Granted {
+                job,
+                task: TaskSpec::merge(1, 16),
+                lease,
+                inputs: vec![],
+            },
+            EventBody::Granted {
+                job,
+                task: TaskSpec::merge(1, 16),
+                lease,
+                inputs: vec![BlobHash::of(b"x"); MAX_MERGE_INPUTS + 1],
             },
             EventBody::Rendered {
                 job,
@@ -1091,12 +1187,7 @@ mod tests {
     fn work_messages_round_trip_under_their_limit() {
         let key = Keypair::generate_ed25519();
         let me = key.public().to_peer_id();
-        let task = TaskSpec {
-            frame_start: 1,
-            frame_count: 1,
-            sample_offset: 0,
-            samples: 16,
-        };
+        let task = TaskSpec::render(1, 1, 0, 16);
         let failed = SignedEvent::sign(
             &key,
             EventBody::TaskFailed {
@@ -1128,6 +1219,33 @@ mod tests {
             reason: RevokeReason::Orphaned,
         };
         assert_eq!(WorkResponse::from_bytes(&encode(&resp)).unwrap(), resp);
+        // The largest grant: a merge of as many slices as a merge takes.
+        let grant = SignedEvent::sign(
+            &key,
+            EventBody::Granted {
+                job: JobId([3; 32]),
+                task: TaskSpec::merge(u32::MAX, MAX_SAMPLES),
+                lease: Lease {
+                    epoch: u64::MAX,
+                    seq: u64::MAX,
+                    worker: me,
+                    backup: true,
+                },
+                inputs: vec![BlobHash([7; 32]); MAX_MERGE_INPUTS],
+            },
+        )
+        .unwrap();
+        let resp = WorkResponse::Grant {
+            grant: grant.signed().clone(),
+        };
+        let bytes = encode(&resp);
+        assert!(bytes.len() <= MAX_WORK_BYTES);
+        assert!(grant.signed().to_bytes().len() <= MAX_EVENT_BYTES);
+        assert_eq!(WorkResponse::from_bytes(&bytes).unwrap(), resp);
+        let renew = WorkRequest::Renew {
+            grant: grant.signed().clone(),
+        };
+        assert!(encode(&renew).len() <= MAX_WORK_BYTES);
     }
 
     proptest! {
@@ -1136,9 +1254,7 @@ mod tests {
             a in (0u32..4, 1u32..3, 0u32..64, 1u32..64),
             b in (0u32..4, 1u32..3, 0u32..64, 1u32..64),
         ) {
-            let t = |(f, c, o, s): (u32, u32, u32, u32)| TaskSpec {
-                frame_start: f, frame_count: c, sample_offset: o, samples: s,
-            };
+            let t = |(f, c, o, s): (u32, u32, u32, u32)| TaskSpec::render(f, c, o, s);
             let (x, y) = (t(a), t(b));
             prop_assert_eq!(x.overlaps(&y), y.overlaps(&x));
             let shared = x.frames().any(|f| y.frames().contains(&f))

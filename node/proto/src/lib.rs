@@ -25,8 +25,8 @@ pub use cert::{Certificate, MeshKey, Revocation, Role, Roles, RosterSnapshot};
 pub use id::{BlobHash, Fingerprint, MeshId};
 pub use invite::{InviteCode, InviteError, Token};
 pub use job::{
-    Engine, EventBody, EventId, JobId, JobSpec, Lease, SignedEvent, Split, TaskSpec, TaskStats,
-    VerifiedEvent, WorkRequest, WorkResponse,
+    Engine, EventBody, EventId, JobId, JobSpec, Lease, SignedEvent, Split, TaskKind, TaskSpec,
+    TaskStats, VerifiedEvent, WorkRequest, WorkResponse,
 };
 pub use libp2p_identity::PeerId;
 

@@ -18,11 +18,13 @@
 
 use super::{
     Action, Board, DEPARTED_GRACE_MS, FETCH_RETRY_MS, HEARTBEAT_MS, LEASE_MS, MAX_RETRY_AFTER_MS,
-    MAX_TASK_FAILURES, Mesh, NO_WORK_RETRY_MS, Source, revoke_reason,
+    MAX_TASK_FAILURES, MERGE_PREFERENCE_MS, Mesh, NO_WORK_RETRY_MS, Source, revoke_reason,
 };
 use crate::job::{Job, Plan, Report};
 use crate::sizing::{self, SliceInput};
-use blendnet_proto::job::{EventBody, MAX_EVENT_BYTES, RevokeReason, bounded_reason};
+use blendnet_proto::job::{
+    EventBody, MAX_EVENT_BYTES, MAX_MERGE_INPUTS, RevokeReason, bounded_reason,
+};
 use blendnet_proto::{
     BlobHash, JobId, Lease, PeerId, SignedEvent, TaskSpec, VerifiedEvent, WorkRequest, WorkResponse,
 };
@@ -92,6 +94,18 @@ pub(super) struct Coordination {
     checking: HashMap<BlobHash, BTreeSet<TaskSpec>>,
     /// Result under check → peers known to hold it.
     holders: HashMap<BlobHash, BTreeSet<PeerId>>,
+    /// Merges in the pool → when they entered it.
+    merge_since: HashMap<TaskSpec, u64>,
+}
+
+/// The rendezvous weight of `peer` as the merger of `frame`: spreads the merges of a job's
+/// frames over its peers when they hold equally many slices.
+fn merger_rank(job: &JobId, frame: u32, peer: &PeerId) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new_derive_key("blendnet merger rank v1");
+    hasher.update(&job.0);
+    hasher.update(&frame.to_le_bytes());
+    hasher.update(&peer.to_bytes());
+    *hasher.finalize().as_bytes()
 }
 
 impl Coordination {
@@ -110,6 +124,7 @@ impl Coordination {
             unreachable: BTreeSet::new(),
             checking: HashMap::new(),
             holders: HashMap::new(),
+            merge_since: HashMap::new(),
         }
     }
 
@@ -248,6 +263,7 @@ impl Coordination {
         self.set_slot(task, false, None);
         self.set_slot(task, true, None);
         self.pool.remove(&task);
+        self.merge_since.remove(&task);
         self.drop_check(&task);
         self.unreachable.remove(&task);
     }
@@ -342,8 +358,24 @@ impl Coordination {
                 )),
             }];
         }
+        if task.is_merge()
+            && let Some(inputs) = job.merge_inputs(task.frame_start)
+            && inputs.len() > MAX_MERGE_INPUTS
+        {
+            self.pool.remove(&task);
+            return vec![Intent::Fail {
+                reason: format!(
+                    "frame {} was cut into {} slices, more than one merge takes ({MAX_MERGE_INPUTS})",
+                    task.frame_start,
+                    inputs.len()
+                ),
+            }];
+        }
         if self.slot(&task, false).is_none() {
             self.pool.insert(task);
+            if task.is_merge() {
+                self.merge_since.entry(task).or_insert(now);
+            }
         } else {
             self.pool.remove(&task);
         }
@@ -456,11 +488,10 @@ impl Coordination {
                 }
             }
         }
-        if let Some(task) = self
-            .pool
-            .iter()
-            .find(|t| job.task(t).is_some_and(|r| !r.failed_on(&from)))
-        {
+        if let Some(task) = self.pool.iter().find(|t| {
+            job.task(t).is_some_and(|r| !r.failed_on(&from))
+                && (!t.is_merge() || self.may_merge(job, t, from, mesh, now))
+        }) {
             return Decision::New {
                 task: *task,
                 backup: false,
@@ -476,6 +507,57 @@ impl Coordination {
             return Decision::New { task, backup: true };
         }
         Decision::NoWork
+    }
+
+    /// Whether `from` may take the merge `task` now: the merger is elected by rendezvous over the
+    /// live render peers, preferring those that hold most of the frame's slices (least to
+    /// fetch); anyone who asks gets it once it has waited [`MERGE_PREFERENCE_MS`] (the elected
+    /// peer may be busy rendering, or gone).
+    fn may_merge(
+        &self,
+        job: &Job,
+        task: &TaskSpec,
+        from: PeerId,
+        mesh: &Mesh<'_>,
+        now: u64,
+    ) -> bool {
+        if self
+            .merge_since
+            .get(task)
+            .is_none_or(|since| now >= since + MERGE_PREFERENCE_MS)
+        {
+            return true;
+        }
+        let Some(inputs) = job.merge_inputs(task.frame_start) else {
+            return false;
+        };
+        let inputs: BTreeSet<BlobHash> = inputs.into_iter().collect();
+        // Slices each peer holds: those it rendered, and those it is known to have fetched.
+        let mut held: HashMap<PeerId, BTreeSet<BlobHash>> = HashMap::new();
+        let slices = job
+            .tasks()
+            .iter()
+            .filter(|(t, _)| !t.is_merge() && t.frame_start == task.frame_start);
+        for report in slices.flat_map(|(_, r)| r.reports()) {
+            if inputs.contains(&report.result) {
+                held.entry(report.lease.worker)
+                    .or_default()
+                    .insert(report.result);
+            }
+        }
+        for hash in &inputs {
+            for peer in self.holders.get(hash).into_iter().flatten() {
+                held.entry(*peer).or_default().insert(*hash);
+            }
+        }
+        let record = job.task(task);
+        mesh.live_render_peers()
+            .filter(|p| record.is_none_or(|r| !r.failed_on(p)))
+            .max_by_key(|p| {
+                let holds = held.get(p).map_or(0, BTreeSet::len);
+                (holds, merger_rank(&job.id(), task.frame_start, p))
+            })
+            .is_none_or(|elected| elected == from)
     }
 
     /// A new slice from the first hole of the first frame with one (sample-split jobs).
@@ -496,12 +578,7 @@ impl Coordination {
             ms_per_sample: job.speed(None).ms_per_unit(),
             target_ms: u64::from(job.spec().target_task_secs) * 1000,
         });
-        Some(TaskSpec {
-            frame_start: frame,
-            frame_count: 1,
-            sample_offset: start,
-            samples,
-        })
+        Some(TaskSpec::render(frame, 1, start, samples))
     }
 
     /// The task expected to finish last, if a backup on `from` would beat it.
@@ -514,7 +591,7 @@ impl Coordination {
             let (Some(p), None) = (slots.primary, slots.backup) else {
                 continue;
             };
-            if p.lease.worker == from {
+            if p.lease.worker == from || task.is_merge() {
                 continue;
             }
             let Some(rec) = job.task(task) else {
@@ -728,6 +805,7 @@ impl Board {
     ) -> Option<R> {
         let mesh = Mesh {
             me: self.me,
+            me_renders: self.renders,
             members: &self.members,
             live: self.live,
             live_renderers: self.live_renderers,
@@ -968,9 +1046,9 @@ impl Board {
         out: &mut Vec<Action>,
     ) -> Option<(JobId, TaskSpec, Lease)> {
         match self.held_or_take(now, grant, from, out)? {
-            EventBody::Granted { job, task, lease } if lease.worker == from => {
-                Some((job, task, lease))
-            }
+            EventBody::Granted {
+                job, task, lease, ..
+            } if lease.worker == from => Some((job, task, lease)),
             _ => None,
         }
     }
@@ -1010,7 +1088,21 @@ impl Board {
                     worker: from,
                     backup,
                 };
-                match self.emit(now, EventBody::Granted { job, task, lease }, out) {
+                let inputs = if task.is_merge() {
+                    match entry.job.merge_inputs(task.frame_start) {
+                        Some(inputs) => inputs,
+                        None => return no_work,
+                    }
+                } else {
+                    Vec::new()
+                };
+                let granted = EventBody::Granted {
+                    job,
+                    task,
+                    lease,
+                    inputs,
+                };
+                match self.emit(now, granted, out) {
                     Some(ev) => WorkResponse::Grant {
                         grant: ev.signed().clone(),
                     },

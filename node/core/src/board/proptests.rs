@@ -282,8 +282,16 @@ fn run(s: &Scenario) -> Result<(), TestCaseError> {
             }
             Plan::Samples { frames, samples } => {
                 for f in frames {
+                    prop_assert!(
+                        cover.contains(&TaskSpec::merge(*f, *samples)),
+                        "frame {} was merged",
+                        f
+                    );
                     let mut at = 0;
-                    for t in cover.iter().filter(|t| t.frame_start == *f) {
+                    for t in cover
+                        .iter()
+                        .filter(|t| t.frame_start == *f && !t.is_merge())
+                    {
                         prop_assert_eq!(
                             t.sample_offset,
                             at,
@@ -297,11 +305,40 @@ fn run(s: &Scenario) -> Result<(), TestCaseError> {
             }
         }
     }
+    // Every merge takes slices of its frame that render each sample exactly once.
+    let rendered: BTreeMap<BlobHash, TaskSpec> = net
+        .events()
+        .filter_map(|e| match e.body() {
+            EventBody::Rendered { task, result, .. } => Some((*result, *task)),
+            _ => None,
+        })
+        .collect();
+    for e in net.events() {
+        if let EventBody::Granted { task, inputs, .. } = e.body()
+            && task.is_merge()
+        {
+            let mut slices: Vec<TaskSpec> = inputs
+                .iter()
+                .map(|h| rendered.get(h).copied())
+                .collect::<Option<_>>()
+                .ok_or_else(|| TestCaseError::fail(format!("{task} takes an unknown result")))?;
+            slices.sort();
+            let mut at = 0;
+            for t in slices {
+                prop_assert_eq!(t.frame_start, task.frame_start);
+                prop_assert_eq!(t.sample_offset, at, "{} takes overlapping slices", task);
+                at += t.samples;
+            }
+            prop_assert_eq!(at, task.samples, "{} misses samples", task);
+        }
+    }
     // The grants of each epoch's owner never reuse (epoch, seq) for a task.
     let owners = owners(&net);
     let mut seen: BTreeMap<(JobId, TaskSpec, u64, u64), Lease> = BTreeMap::new();
     for e in net.events() {
-        if let EventBody::Granted { job, task, lease } = e.body()
+        if let EventBody::Granted {
+            job, task, lease, ..
+        } = e.body()
             && owners.get(&(*job, lease.epoch)) == Some(&e.author())
             && let Some(previous) = seen.insert((*job, *task, lease.epoch, lease.seq), *lease)
         {

@@ -110,12 +110,7 @@ fn clairvoyant() -> u64 {
 }
 
 fn frame(f: u32) -> TaskSpec {
-    TaskSpec {
-        frame_start: f,
-        frame_count: 1,
-        sample_offset: 0,
-        samples: 64,
-    }
+    TaskSpec::render(f, 1, 0, 64)
 }
 
 /// The ideal schedule: every task, in frame order, on the peer free first, with no message,

@@ -71,12 +71,7 @@ fn still_spec(samples: u32) -> JobSpec {
 }
 
 fn frame(f: u32, samples: u32) -> TaskSpec {
-    TaskSpec {
-        frame_start: f,
-        frame_count: 1,
-        sample_offset: 0,
-        samples,
-    }
+    TaskSpec::render(f, 1, 0, samples)
 }
 
 fn new_events(actions: &[Action]) -> Vec<&VerifiedEvent> {
@@ -389,6 +384,7 @@ fn bad_input_is_dropped_counted_and_changes_nothing() {
             job,
             task: frame(1, 64),
             lease: lease(&renderer, 1),
+            inputs: vec![],
         },
     );
     let stale_beat = sign(
@@ -429,6 +425,7 @@ fn bad_input_is_dropped_counted_and_changes_nothing() {
                     job,
                     task: frame(1, 64),
                     lease: lease(&renderer, 2),
+                    inputs: vec![],
                 },
             )),
             DropReason::Unauthorized,
@@ -452,6 +449,7 @@ fn bad_input_is_dropped_counted_and_changes_nothing() {
                     job,
                     task: frame(7, 64),
                     lease: lease(&renderer, 2),
+                    inputs: vec![],
                 },
             )),
             DropReason::Invalid,
@@ -875,7 +873,7 @@ fn a_still_is_sliced_by_samples_probe_first_then_by_measured_speed() {
     let cover: Vec<TaskSpec> = view
         .tasks
         .iter()
-        .filter(|t| t.in_cover)
+        .filter(|t| t.in_cover && !t.task.is_merge())
         .map(|t| t.task)
         .collect();
     assert!(
@@ -884,6 +882,16 @@ fn a_still_is_sliced_by_samples_probe_first_then_by_measured_speed() {
             .filter(|t| t.in_cover)
             .all(|t| t.state.is_done())
     );
+    // The frame was merged once, from exactly the cover's results.
+    let merges: Vec<&Vec<blendnet_proto::BlobHash>> = net
+        .events()
+        .filter_map(|e| match e.body() {
+            EventBody::Granted { task, inputs, .. } if task.is_merge() => Some(inputs),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(merges.len(), 1, "one merge grant");
+    assert_eq!(merges[0].len(), cover.len());
     // The cover partitions the frame's samples exactly.
     let mut at = 0;
     for t in &cover {
@@ -894,7 +902,7 @@ fn a_still_is_sliced_by_samples_probe_first_then_by_measured_speed() {
     let grants: Vec<u32> = net
         .events()
         .filter_map(|e| match e.body() {
-            EventBody::Granted { task, .. } => Some(task.samples),
+            EventBody::Granted { task, .. } if !task.is_merge() => Some(task.samples),
             _ => None,
         })
         .collect();
@@ -1111,4 +1119,112 @@ fn only_peers_whose_blender_matches_the_job_render_it() {
         !asked.iter().any(|a| matches!(a, Action::SendWork { .. })),
         "a worker with Blender 3.4 asked for a 4.2 job: {asked:?}"
     );
+}
+
+/// The merge grants of a run: (worker, inputs, when).
+fn merge_grants(net: &Net) -> Vec<(PeerId, Vec<blendnet_proto::BlobHash>, u64)> {
+    net.produced
+        .iter()
+        .filter_map(|(at, e)| match e.body() {
+            EventBody::Granted {
+                task,
+                lease,
+                inputs,
+                ..
+            } if task.is_merge() => Some((lease.worker, inputs.clone(), *at)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// How many of `inputs` each peer rendered.
+fn slices_rendered(net: &Net, inputs: &[blendnet_proto::BlobHash]) -> BTreeMap<PeerId, usize> {
+    let mut held = BTreeMap::new();
+    for e in net.events() {
+        if let EventBody::Rendered { lease, result, .. } = e.body()
+            && inputs.contains(result)
+        {
+            *held.entry(lease.worker).or_insert(0) += 1;
+        }
+    }
+    held
+}
+
+fn sliced_still(seed: u64, prepare: impl FnOnce(&mut Net)) -> (Net, JobId) {
+    let mut net = Net::new(spec_nodes(4, 1), quiet(), seed);
+    // Slices cost 20 ms a sample; a merge, two seconds.
+    net.task_cost = Box::new(|t| if t.is_merge() { 2_000 } else { 20 * t.units() });
+    prepare(&mut net);
+    let job = net.submit(0, still_spec(2048));
+    (net, job)
+}
+
+#[test]
+fn a_frame_is_merged_by_a_peer_holding_most_of_its_slices() {
+    // Over several runs (the first peer to ask after the last slice differs between them), on
+    // peers of different speeds, so that one holds more slices than the others.
+    for seed in 0..12 {
+        let (mut net, job) = sliced_still(seed, |net| {
+            for (i, speed) in [(1, 3.0), (2, 1.0), (3, 1.5)] {
+                net.nodes[i].spec.speed = speed;
+            }
+        });
+        assert!(net.settle(job, 600_000));
+        assert!(net.violations.is_empty(), "{:?}", net.violations);
+        let view = net.board(0).unwrap().job(&job).unwrap();
+        assert_eq!(view.summary.status, JobStatus::Done);
+        let grants = merge_grants(&net);
+        assert_eq!(grants.len(), 1, "{grants:?}");
+        let (merger, inputs, _) = &grants[0];
+        let held = slices_rendered(&net, inputs);
+        assert!(held.len() > 1, "the slices were spread: {held:?}");
+        let most = held.values().max().copied().unwrap();
+        assert_eq!(held.get(merger), Some(&most), "seed {seed}: {held:?}");
+        // The merge's result is the job's output, and it is held by a second peer.
+        let merge = TaskSpec::merge(1, 2048);
+        let done = view.tasks.iter().find(|t| t.task == merge).unwrap();
+        assert!(done.state.is_done());
+        assert_eq!(done.results.len(), 1);
+        assert_eq!(done.results[0].0, *merger);
+    }
+}
+
+#[test]
+fn a_merge_that_fails_or_whose_merger_dies_moves_to_another_peer() {
+    let merge = TaskSpec::merge(1, 2048);
+    let (mut first, job) = sliced_still(22, |_| {});
+    assert!(first.settle(job, 600_000));
+    let elected = merge_grants(&first)[0].0;
+    let index = (0..4).find(|i| first.peer(*i) == elected).unwrap();
+
+    // The elected merger cannot merge (its Blender has no denoiser, say): another does.
+    let (mut net, job) = sliced_still(22, |net| {
+        net.failing.insert(merge, [index].into());
+    });
+    assert!(net.settle(job, 600_000));
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+    let view = net.board(0).unwrap().job(&job).unwrap();
+    assert_eq!(view.summary.status, JobStatus::Done);
+    let grants = merge_grants(&net);
+    assert_eq!(grants[0].0, elected, "the same run elects the same merger");
+    let rec = view.tasks.iter().find(|t| t.task == merge).unwrap();
+    assert_eq!(rec.failures.len(), 1);
+    assert_ne!(rec.results[0].0, elected);
+
+    // The elected merger dies while merging: its lease lapses and another peer merges.
+    let (mut net, job) = sliced_still(22, |_| {});
+    assert!(net.run_until(600_000, |n| !merge_grants(n).is_empty()));
+    let at = net.now + 500;
+    net.at(at, Fault::Kill(index));
+    assert!(net.settle(job, 600_000));
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+    let view = net.board(0).unwrap().job(&job).unwrap();
+    assert_eq!(view.summary.status, JobStatus::Done);
+    let grants = merge_grants(&net);
+    assert!(grants.len() >= 2, "{grants:?}");
+    let rec = view.tasks.iter().find(|t| t.task == merge).unwrap();
+    assert_ne!(rec.results[0].0, elected);
+    // Within a lease and a departed peer's grace, not much more.
+    let regranted = grants.iter().find(|g| g.0 != elected).unwrap().2;
+    assert!(regranted - at <= LEASE_MS + 5_000, "{}", regranted - at);
 }

@@ -263,7 +263,13 @@ impl Board {
     }
 
     fn start(&mut self, grant: &VerifiedEvent, renew_at: u64, out: &mut Vec<Action>) {
-        let EventBody::Granted { job, task, lease } = *grant.body() else {
+        let EventBody::Granted {
+            job,
+            task,
+            lease,
+            ref inputs,
+        } = *grant.body()
+        else {
             return;
         };
         let Some(spec) = self.jobs.get(&job).map(|e| e.job.spec().clone()) else {
@@ -283,6 +289,7 @@ impl Board {
             spec,
             task,
             lease,
+            inputs: inputs.clone(),
         });
     }
 
@@ -347,7 +354,10 @@ impl Board {
         if self.index.contains(&signed.id()) {
             // Held already: find the stored copy through its body.
             let body: EventBody = blendnet_proto::decode(&signed.body, MAX_EVENT_BYTES).ok()?;
-            let EventBody::Granted { job, task, lease } = body else {
+            let EventBody::Granted {
+                job, task, lease, ..
+            } = body
+            else {
                 return None;
             };
             return self.jobs.get(&job)?.job.task(&task)?.grant(&lease).cloned();
@@ -385,6 +395,7 @@ impl Board {
                             job: j,
                             task,
                             lease,
+                            ..
                         } = *ev.body()
                         else {
                             return;
