@@ -28,7 +28,12 @@ pub enum SliceMode {
     /// denoising (its data passes kept) and compositing off; a multilayer 32-bit EXR with
     /// every enabled pass.
     Slice,
-    /// Whole frames as the scene sets them up, written as multilayer 32-bit EXRs.
+    /// Whole frames, each written as `blender -b scene.blend -f N` writes it: the scene's own
+    /// samples, denoising, compositor, sequencer, output format and color management, named
+    /// as Blender names frames (the file name of the scene's output path with the frame
+    /// number and extension, like `shot_0002.png`). A scene that asks for denoising on a
+    /// Blender without OpenImageDenoise fails with [`ErrorKind::DenoiserMissing`]; one whose
+    /// output is a movie fails with [`ErrorKind::BadRequest`].
     Frames,
 }
 
@@ -44,7 +49,8 @@ pub struct RenderTask {
     pub samples: u32,
     /// Slice start ([`SliceMode::Slice`] only).
     pub sample_offset: u32,
-    /// An existing directory; outputs are named `frame_<NNNNNN>.exr` in it.
+    /// An existing directory for the outputs: `frame_<NNNNNN>.exr` for a
+    /// [`SliceMode::Slice`], the scene's own frame names for [`SliceMode::Frames`].
     pub output_dir: PathBuf,
     /// Render even though the scene refers to files that are not there.
     pub allow_missing: bool,
@@ -79,6 +85,9 @@ pub enum ErrorKind {
     OutOfMemory,
     RenderFailed,
     BadRequest,
+    /// The scene asks for Cycles denoising and this Blender has no OpenImageDenoise (Debian's
+    /// build lacks it): a peer with an official Blender can render the task.
+    DenoiserMissing,
 }
 
 /// A reply line from the script.

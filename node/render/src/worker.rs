@@ -71,7 +71,8 @@ fn parse_samples(line: &str) -> Option<(u32, u32)> {
 /// A finished task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Done {
-    /// The EXRs written, one per frame, in the task's order.
+    /// The files written, one per frame, in the task's order (see
+    /// [`SliceMode`](crate::SliceMode) for their format and names).
     pub outputs: Vec<PathBuf>,
     /// Render time measured inside Blender.
     pub render_ms: u64,
@@ -113,7 +114,7 @@ pub enum StartError {
 /// Why a task failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
-    /// The script named the problem (no camera, missing files, …).
+    /// The script named the problem (no camera, missing files, no denoiser, …).
     #[error("{message}")]
     Scene {
         kind: ErrorKind,
