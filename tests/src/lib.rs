@@ -1168,6 +1168,31 @@ pub fn blender_scene(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The largest difference between two images' pixels, in 1/255 steps, and how many values
+/// differ (read by Blender, so any format it writes can be compared).
+pub fn pixel_difference(a: &Path, b: &Path) -> (f64, usize) {
+    let expr = format!(
+        "import bpy\n\
+         a = bpy.data.images.load({:?}); b = bpy.data.images.load({:?})\n\
+         assert tuple(a.size) == tuple(b.size), (a.size[:], b.size[:])\n\
+         d = [abs(x - y) for x, y in zip(a.pixels, b.pixels)]\n\
+         print('DIFF', max(d) * 255, sum(1 for x in d if x > 0))",
+        a.to_str().expect("UTF-8 path"),
+        b.to_str().expect("UTF-8 path")
+    );
+    let out = blender_python(None, &expr).expect("Blender compares the images");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("DIFF "))
+        .expect("Blender printed no comparison");
+    let (max, count) = line.split_once(' ').expect("two numbers");
+    (
+        max.parse().expect("a number"),
+        count.parse().expect("a count"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

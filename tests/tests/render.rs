@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use blendnet_tests::{Node, blender, blender_scene, e2e, eventually};
+use blendnet_tests::{Node, blender, blender_scene, e2e, eventually, mesh, pixel_difference};
 use serde_json::Value;
 
 /// A job on one small scene finishes (or fails) well within this on a loaded 2-core machine.
@@ -225,6 +225,132 @@ fn cancelling_a_job_stops_its_blender_within_seconds() {
         eprintln!("Blender stopped {:?} after the cancel", cancelled.elapsed());
         let (state, _) = outcome(&a, &job)?;
         assert_eq!(state, "Cancelled");
+        Ok(())
+    });
+}
+
+/// Renders frame 1 of `scene` the way an artist does (`blender -b scene -o DIR/local_#### -f
+/// 1`); returns the file.
+fn local_render(scene: &Path, dir: &Path) -> Result<PathBuf> {
+    let out = std::process::Command::new(blender())
+        .arg("-b")
+        .arg(scene)
+        .arg("-o")
+        .arg(dir.join("local_####"))
+        .args(["-f", "1"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(dir.join("local_0001.png"))
+}
+
+#[test]
+fn a_still_sliced_across_three_peers_is_merged_and_lands_in_the_output_folder() {
+    e2e(|| {
+        let blender = blender();
+        let nodes = mesh(
+            &["a", "b", "c"],
+            &["--blender", blender.to_str().context("path")?],
+        )?;
+        let a = &nodes[0];
+        let dir = scene_dir(a, "still");
+        let scene = blender_scene(
+            &dir,
+            "shot",
+            "scene.cycles.samples = 256\n\
+             scene.cycles.use_adaptive_sampling = False\n\
+             scene.render.resolution_x = 160\n\
+             scene.render.resolution_y = 120\n\
+             scene.render.image_settings.file_format = 'PNG'\n\
+             scene.render.filepath = '//render/shot_'",
+        )?;
+        let out = a.data_dir().with_file_name("frames");
+        let job = a
+            .cli_ok(&[
+                "submit",
+                &add(a, &dir)?,
+                "--blend",
+                "shot.blend",
+                "--frames",
+                "1",
+                "--samples",
+                "256",
+                "--split",
+                "samples",
+                "--target-task-secs",
+                "1",
+                "--out",
+                out.to_str().context("path")?,
+            ])?
+            .trim()
+            .to_owned();
+        let (state, reason) = outcome(a, &job)?;
+        assert_eq!((state.as_str(), reason.as_str()), ("Done", ""));
+
+        // Sliced, across more than one peer, and merged once from all the slices.
+        let view = a.cli_json(&["status", &job, "--json"])?;
+        let tasks = view["tasks"].as_array().context("tasks")?;
+        let slices: Vec<&Value> = tasks
+            .iter()
+            .filter(|t| t["task"]["kind"] == "render" && t["in_cover"] == true)
+            .collect();
+        let renderers: std::collections::BTreeSet<&str> = slices
+            .iter()
+            .filter_map(|t| t["results"][0][0].as_str())
+            .collect();
+        assert!(slices.len() >= 2, "{slices:?}");
+        assert!(renderers.len() >= 2, "{renderers:?}");
+        let merge = tasks
+            .iter()
+            .find(|t| t["task"]["kind"] == "merge")
+            .context("no merge task")?;
+        assert!(merge["state"].get("Done").is_some(), "{merge}");
+
+        // The submitter put the finished frame where it was asked, named as Blender names it.
+        let delivered = eventually(JOB_WITHIN, Duration::from_millis(300), || {
+            let view = a.cli_json(&["status", &job, "--json"])?;
+            let files = view["outputs"]["files"]
+                .as_array()
+                .context("no outputs")?
+                .clone();
+            ensure!(
+                !files.is_empty(),
+                "nothing delivered yet: {}",
+                view["outputs"]
+            );
+            Ok(files)
+        })?;
+        let frame = out.join("shot_0001.png");
+        assert_eq!(
+            delivered,
+            vec![Value::from(frame.to_str().context("path")?)]
+        );
+        // Equal to the local render, up to float summation order: slices of unequal length
+        // sum their samples in another order than one render does (so does `_cycles.merge`),
+        // which can move a value across an 8-bit rounding boundary, rarely.
+        let local = local_render(&scene, &dir)?;
+        let (worst, differing) = pixel_difference(&frame, &local);
+        assert!(worst <= 1.0 + 1e-6, "{worst}/255");
+        assert!(
+            differing <= 160 * 120 * 4 / 1000,
+            "{differing} values differ"
+        );
+        // Writable, like a file Blender writes: the artist can render over it.
+        assert!(!fs::metadata(&frame)?.permissions().readonly());
+
+        // The preview of the frame, from the submitter's API.
+        let token = a.api_token()?;
+        let preview = a.api_get(&format!("/v1/jobs/{job}/preview?frame=1"), Some(&token))?;
+        assert_eq!(preview.status, 200, "{}", preview.body);
+        assert!(
+            preview.body.contains("PNG") && preview.body.contains("IHDR"),
+            "not a PNG"
+        );
+        let missing = a.api_get(&format!("/v1/jobs/{job}/preview?frame=7"), Some(&token))?;
+        assert_eq!(missing.status, 404, "{}", missing.body);
         Ok(())
     });
 }

@@ -26,6 +26,7 @@
 //! | `GET /v1/jobs/{id}` | – | the job: spec, progress per frame, every task |
 //! | `DELETE /v1/jobs/{id}` | – | [`JobRef`] (cancelled) |
 //! | `GET /v1/jobs/{id}/logs` | – | JSON array of `{"task", "log"}`: the tasks this node rendered |
+//! | `GET /v1/jobs/{id}/preview?frame=N&size=PX` | – | `image/png`: the merge of the frame's slices so far |
 //! | `GET /v1/events` | – | server-sent events, one [`JobChange`] per job change |
 //!
 //! Status codes: 400 bad request (malformed JSON, wrong fields, a value the backend refuses),
@@ -90,6 +91,9 @@ pub struct SubmitRequest {
     /// only peers with the same major.minor render it.
     #[serde(default)]
     pub blender: Option<String>,
+    /// Where this node puts the finished frames (an absolute path), whoever renders them.
+    #[serde(default)]
+    pub out: Option<String>,
 }
 
 /// A job's id, as submitted or cancelled.
@@ -309,6 +313,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self,
         id: String,
     ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+    /// `GET /v1/jobs/{id}/preview`: a PNG of the merge of a sample-split frame's slices so far.
+    fn job_preview(
+        &self,
+        id: String,
+        query: PreviewQuery,
+    ) -> impl Future<Output = Result<Vec<u8>, ApiError>> + Send;
     /// `DELETE /v1/jobs/{id}`.
     fn cancel(&self, id: String) -> impl Future<Output = Result<JobRef, ApiError>> + Send;
     /// `GET /v1/events`: job changes from now on.
@@ -338,6 +348,7 @@ pub fn router<B: Backend>(token: String, backend: B) -> Router {
         .route("/v1/jobs", get(jobs::<B>).post(submit::<B>))
         .route("/v1/jobs/{id}", get(job::<B>).delete(cancel::<B>))
         .route("/v1/jobs/{id}/logs", get(job_logs::<B>))
+        .route("/v1/jobs/{id}/preview", get(job_preview::<B>))
         .route("/v1/events", get(events::<B>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -471,6 +482,18 @@ async fn method_not_allowed(req: Request) -> Response {
     )
 }
 
+/// The query of `GET /v1/jobs/{id}/preview`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewQuery {
+    /// The frame (default: the job's first frame with samples done, else its first).
+    #[serde(default)]
+    pub frame: Option<u32>,
+    /// The long side in pixels (default [`blendnet_exr::DEFAULT_PREVIEW_SIZE`]).
+    #[serde(default)]
+    pub size: Option<u32>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PeersQuery {
@@ -574,6 +597,21 @@ async fn submit<B: Backend>(
 
 async fn job_logs<B: Backend>(State(backend): State<B>, Path(id): Path<String>) -> Response {
     reply(backend.job_logs(id).await)
+}
+
+async fn job_preview<B: Backend>(
+    State(backend): State<B>,
+    Path(id): Path<String>,
+    query: Result<Query<PreviewQuery>, QueryRejection>,
+) -> Response {
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(rejection) => return query_rejection(rejection),
+    };
+    match backend.job_preview(id, query).await {
+        Ok(png) => ([(header::CONTENT_TYPE, "image/png")], png).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn cancel<B: Backend>(State(backend): State<B>, Path(id): Path<String>) -> Response {
@@ -702,6 +740,10 @@ pub(crate) mod fake {
 
         async fn job_logs(&self, _id: String) -> Result<serde_json::Value, ApiError> {
             Ok(serde_json::json!([]))
+        }
+
+        async fn job_preview(&self, id: String, _query: PreviewQuery) -> Result<Vec<u8>, ApiError> {
+            Err(ApiError::NotFound(format!("no job {id}")))
         }
 
         fn job_changes(&self) -> Result<tokio::sync::broadcast::Receiver<JobChange>, ApiError> {

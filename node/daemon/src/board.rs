@@ -17,7 +17,8 @@
 //! Anti-entropy: every [`SYNC_EVERY`] the actor compares job digests with one random live
 //! member and pulls the events of jobs that differ.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::api::JobChange;
 use crate::blobs::Blobs;
+use crate::deliver::{Deliveries, OutputsView};
 use crate::render::{Render, RenderMessage, RenderReport};
 
 /// Every event the board accepted, by event id: the board is rebuilt from them at start-up.
@@ -113,7 +115,20 @@ pub enum BoardMessage {
     SyncEvents(Vec<SignedEvent>),
     Submit {
         spec: JobSpec,
+        /// Where this node puts the finished frames.
+        out_dir: Option<PathBuf>,
         reply: oneshot::Sender<Result<JobId, String>>,
+    },
+    /// A delivery into a job's output directory ended.
+    Delivered {
+        job: JobId,
+        hash: BlobHash,
+        result: Result<Vec<PathBuf>, String>,
+    },
+    /// What was delivered of a job.
+    Outputs {
+        job: JobId,
+        reply: oneshot::Sender<Option<OutputsView>>,
     },
     Cancel {
         job: JobId,
@@ -159,6 +174,8 @@ pub struct BoardSetup {
     pub blobs: Blobs,
     pub render: Render,
     pub database: Arc<redb::Database>,
+    /// `<data>/work`, where deliveries are staged.
+    pub work_dir: PathBuf,
     /// Whether this node takes render tasks (config), and what it offers once Blender is found.
     pub renders: bool,
     pub offer: watch::Receiver<Option<Offer>>,
@@ -202,6 +219,12 @@ impl Board {
             pending_members: None,
             waiting: Vec::new(),
             net_streams: setup.streams,
+            deliveries: Deliveries::new(
+                setup.database.clone(),
+                setup.blobs.clone(),
+                setup.work_dir,
+                tx.clone(),
+            ),
             blobs: setup.blobs,
             render: render_tx,
             database: setup.database,
@@ -243,9 +266,23 @@ impl Board {
         }
     }
 
-    /// Submits a job from this node.
-    pub async fn submit(&self, spec: JobSpec) -> Result<Result<JobId, String>, BoardError> {
-        self.ask(|reply| BoardMessage::Submit { spec, reply }).await
+    /// Submits a job from this node; its finished frames go to `out_dir`.
+    pub async fn submit(
+        &self,
+        spec: JobSpec,
+        out_dir: Option<PathBuf>,
+    ) -> Result<Result<JobId, String>, BoardError> {
+        self.ask(|reply| BoardMessage::Submit {
+            spec,
+            out_dir,
+            reply,
+        })
+        .await
+    }
+
+    /// What this node delivered of `job` (for jobs submitted here with an output directory).
+    pub async fn outputs(&self, job: JobId) -> Result<Option<OutputsView>, BoardError> {
+        self.ask(|reply| BoardMessage::Outputs { job, reply }).await
     }
 
     /// Cancels a job this node submitted.
@@ -277,6 +314,7 @@ struct BoardActor {
     waiting: Vec<BoardMessage>,
     net_streams: Streams,
     blobs: Blobs,
+    deliveries: Deliveries,
     /// Starts and stops for the render actor, forwarded in order.
     render: mpsc::Sender<RenderMessage>,
     database: Arc<redb::Database>,
@@ -365,6 +403,7 @@ impl BoardActor {
                 for message in std::mem::take(&mut self.waiting) {
                     self.on_message(message);
                 }
+                self.deliver(self.deliveries.jobs());
             }
             Err(e) => tracing::error!(error = %e, "cannot start the job board"),
         }
@@ -377,6 +416,7 @@ impl BoardActor {
             && matches!(
                 message,
                 BoardMessage::Submit { .. }
+                    | BoardMessage::Outputs { .. }
                     | BoardMessage::Cancel { .. }
                     | BoardMessage::Jobs(_)
                     | BoardMessage::Job { .. }
@@ -456,7 +496,11 @@ impl BoardActor {
                     self.input(Input::Event(event));
                 }
             }
-            BoardMessage::Submit { mut spec, reply } => {
+            BoardMessage::Submit {
+                mut spec,
+                out_dir,
+                reply,
+            } => {
                 // A scene is made with the submitter's Blender unless the caller said which.
                 if spec.blender.is_none()
                     && let Some(version) =
@@ -470,9 +514,13 @@ impl BoardActor {
                     None => Err(BoardError::NotReady.to_string()),
                     Some(board) => match board.submit(now, spec) {
                         Ok((job, actions)) => {
+                            // Where the frames go is saved before anything can finish.
+                            let saved = out_dir
+                                .map(|dir| self.deliveries.set_out_dir(&job, &dir))
+                                .unwrap_or(Ok(()));
                             self.execute(actions);
                             tracing::info!(%job, "job submitted");
-                            Ok(job)
+                            saved.map(|()| job)
                         }
                         Err(e) => Err(e.to_string()),
                     },
@@ -519,7 +567,20 @@ impl BoardActor {
                     let _ = reply.send(page(board.events(&job), skip as usize));
                 }
             }
-            BoardMessage::SyncTick => self.sync(),
+            BoardMessage::SyncTick => {
+                self.sync();
+                // Deliveries that failed are tried again.
+                self.deliver(self.deliveries.failed_jobs());
+            }
+            BoardMessage::Delivered { job, hash, result } => {
+                self.deliveries.finished(job, hash, result);
+                let _ = self.changes.send(JobChange {
+                    job: job.to_string(),
+                });
+            }
+            BoardMessage::Outputs { job, reply } => {
+                let _ = reply.send(self.deliveries.view(&job));
+            }
         }
     }
 
@@ -604,6 +665,7 @@ impl BoardActor {
                     spec,
                     task,
                     lease,
+                    inputs,
                 } => {
                     tracing::info!(%job, %task, epoch = lease.epoch, "task started");
                     self.to_render(RenderMessage::Start {
@@ -611,6 +673,7 @@ impl BoardActor {
                         spec,
                         task,
                         lease,
+                        inputs,
                     });
                 }
                 Action::StopTask { job, task, reason } => {
@@ -698,14 +761,30 @@ impl BoardActor {
         }
         // Every accepted event (ours, or a peer's) changed its job: tell the event stream once
         // per job.
-        let jobs: std::collections::BTreeSet<JobId> =
-            events.iter().filter_map(|e| e.body().job()).collect();
-        for job in jobs {
+        let jobs: BTreeSet<JobId> = events.iter().filter_map(|e| e.body().job()).collect();
+        for job in &jobs {
             let _ = self.changes.send(JobChange {
                 job: job.to_string(),
             });
         }
         events.clear();
+        self.deliver(jobs);
+    }
+
+    /// Hands the finished outputs of `jobs` to delivery (which skips jobs not submitted here
+    /// with an output directory).
+    fn deliver(&mut self, jobs: impl IntoIterator<Item = JobId>) {
+        let Some(board) = &self.board else {
+            return;
+        };
+        for job in jobs {
+            if let Some(model) = board.job_model(&job) {
+                let outputs: Vec<BlobHash> = model.outputs().map(|(_, hash)| hash).collect();
+                if !outputs.is_empty() {
+                    self.deliveries.update(job, outputs);
+                }
+            }
+        }
     }
 
     /// Hands a start or stop to the render actor through the forwarder, in order (a stop must

@@ -156,6 +156,10 @@ pub struct SubmitArgs {
     /// render the job.
     #[arg(long, value_name = "MAJOR.MINOR")]
     pub blender_version: Option<String>,
+    /// Where this node puts the finished frames, whoever renders them (kept if this command
+    /// exits).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -480,6 +484,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 target_task_secs: args.target_task_secs,
                 frames_per_task: args.frames_per_task,
                 blender: args.blender_version,
+                out: args.out.as_deref().map(absolute).transpose()?,
             })?;
             if args.json {
                 return print_json(&job);
@@ -674,6 +679,7 @@ fn print_job(view: &serde_json::Value) {
     }
 }
 
+/// `path` made absolute against the current directory (the daemon's differs).
 fn absolute(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(std::path::absolute(path)
         .with_context(|| format!("{}", path.display()))?

@@ -14,17 +14,19 @@
 
 use crate::api::{
     self, AdmitRequest, ApiError, Backend, InviteRequest, InviteView, JobChange, JobRef, PeerRef,
-    RevokeRequest, StatusView, StoreAddRequest, StoreAddView, StoreGcView, StoreGetRequest,
-    StoreGetView, SubmitRequest,
+    PreviewQuery, RevokeRequest, StatusView, StoreAddRequest, StoreAddView, StoreGcView,
+    StoreGetRequest, StoreGetView, SubmitRequest,
 };
 use crate::blobs::{Blobs, store_dir};
 use crate::board::{Board, BoardSetup};
 use crate::capabilities::Capabilities;
 use crate::config::Config;
 use crate::data_dir::{DataDir, ReadSecretError, SECRET_MODE, read_secret, write_atomic};
+use crate::preview;
 use crate::render::{Render, RenderMessage};
 use crate::state::State;
 use anyhow::{Context, anyhow, bail};
+use blendnet_core::job::TaskState;
 use blendnet_core::{Invites, Roster};
 use blendnet_net::{
     AdmitError, Event, InviteError, Membership, Multiaddr, Net, PeerId, RevokeError, Spawned,
@@ -355,6 +357,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
             blobs: blobs.clone(),
             render: render.clone(),
             database: state.database(),
+            work_dir: data_dir.path().join(WORK_DIR),
             renders: config.render,
             offer,
         },
@@ -774,14 +777,30 @@ impl Backend for NodeBackend {
     async fn job(&self, id: String) -> Result<serde_json::Value, ApiError> {
         let job = parse_job(&id)?;
         match self.board.job(job).await.map_err(board_error)? {
-            Some(view) => serde_json::to_value(view).map_err(|e| ApiError::Internal(e.to_string())),
+            Some(view) => {
+                let mut value =
+                    serde_json::to_value(view).map_err(|e| ApiError::Internal(e.to_string()))?;
+                let outputs = self.board.outputs(job).await.map_err(board_error)?;
+                value["outputs"] =
+                    serde_json::to_value(outputs).map_err(|e| ApiError::Internal(e.to_string()))?;
+                Ok(value)
+            }
             None => Err(ApiError::NotFound(format!("no job {id} on this node"))),
         }
     }
 
-    async fn submit(&self, req: SubmitRequest) -> Result<JobRef, ApiError> {
+    async fn submit(&self, mut req: SubmitRequest) -> Result<JobRef, ApiError> {
+        let out = req.out.take().map(PathBuf::from);
+        if let Some(dir) = &out
+            && !dir.is_absolute()
+        {
+            return Err(ApiError::BadRequest(format!(
+                "the output directory {} is not an absolute path",
+                dir.display()
+            )));
+        }
         let spec = job_spec(req)?;
-        match self.board.submit(spec).await.map_err(board_error)? {
+        match self.board.submit(spec, out).await.map_err(board_error)? {
             Ok(job) => Ok(JobRef {
                 job: job.to_string(),
             }),
@@ -793,6 +812,52 @@ impl Backend for NodeBackend {
         let job = parse_job(&id)?;
         let dir = self.work_dir.join(job.to_string()).join("logs");
         blocking_read_logs(dir).await
+    }
+
+    async fn job_preview(&self, id: String, query: PreviewQuery) -> Result<Vec<u8>, ApiError> {
+        let job = parse_job(&id)?;
+        let Some(view) = self.board.job(job).await.map_err(board_error)? else {
+            return Err(ApiError::NotFound(format!("no job {id} on this node")));
+        };
+        if !view.spec.splits_samples() {
+            return Err(ApiError::NotFound(format!(
+                "job {id} renders whole frames: its frames are shown when they are done"
+            )));
+        }
+        let frame = match query.frame {
+            Some(f) if view.spec.frames.contains(&f) => f,
+            Some(f) => return Err(ApiError::NotFound(format!("job {id} has no frame {f}"))),
+            None => view
+                .frames
+                .iter()
+                .find(|f| f.samples_done > 0)
+                .or(view.frames.first())
+                .map(|f| f.frame)
+                .ok_or_else(|| ApiError::NotFound(format!("job {id} has no frames")))?,
+        };
+        // The frame's slices that are done or rendered, one result each, in sample order.
+        let mut slices: Vec<(u32, blendnet_proto::BlobHash)> = view
+            .tasks
+            .iter()
+            .filter(|t| t.in_cover && !t.task.is_merge() && t.task.frame_start == frame)
+            .filter_map(|t| {
+                let result = match t.state {
+                    TaskState::Done { result, .. } => Some(result),
+                    _ => t.results.first().map(|(_, hash)| *hash),
+                };
+                result.map(|hash| (t.task.sample_offset, hash))
+            })
+            .collect();
+        slices.sort();
+        if slices.is_empty() {
+            return Err(ApiError::NotFound(format!(
+                "no slice of frame {frame} of job {id} is rendered yet"
+            )));
+        }
+        let size = query.size.unwrap_or(blendnet_exr::DEFAULT_PREVIEW_SIZE);
+        let dir = self.work_dir.join(job.to_string()).join("preview");
+        let hashes: Vec<blendnet_proto::BlobHash> = slices.iter().map(|(_, h)| *h).collect();
+        preview::png(&self.blobs, &dir, frame, &hashes, size).await
     }
 
     async fn cancel(&self, id: String) -> Result<JobRef, ApiError> {

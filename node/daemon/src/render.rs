@@ -11,6 +11,11 @@
 //!  board ◀── RenderReport::{Finished{result}, Failed{reason}} ─┘
 //! ```
 //!
+//! A merge task (the last step of a sample-split frame, on the elected merger) fetches the
+//! frame's slices, merges them ([`blendnet_exr`]), keeps a preview beside them, and has Blender
+//! finish the frame into the scene's output file ([`blendnet_render::finish`]); its result is a
+//! manifest of that file.
+//!
 //! `Stop` kills Blender at once (cancellation within a second); a crashed or hung Blender is
 //! reported as a failed task and a fresh one is started for the next task. A task's log (what
 //! happened, and Blender's last lines on a failure) is kept in `<data>/work/<job>/logs/`.
@@ -38,6 +43,8 @@ pub enum RenderMessage {
         spec: Arc<JobSpec>,
         task: TaskSpec,
         lease: Lease,
+        /// A merge's slices.
+        inputs: Vec<BlobHash>,
     },
     /// Stop rendering `task` of `job`, if it is the one running; report nothing.
     Stop { job: JobId, task: TaskSpec },
@@ -52,7 +59,8 @@ pub enum RenderReport {
         job: JobId,
         task: TaskSpec,
         lease: Lease,
-        /// A manifest of the task's outputs (`frame_NNNNNN.exr`).
+        /// A manifest of the task's outputs: a slice's `frame_NNNNNN.exr`, or the files the
+        /// scene's output settings name.
         result: BlobHash,
         stats: TaskStats,
     },
@@ -133,7 +141,7 @@ type Outcome = Result<(BlobHash, TaskStats), String>;
 impl RenderActor {
     async fn run(mut self) {
         while let Some(message) = self.inbox.recv().await {
-            let (job, spec, task, lease) = match message {
+            let (job, spec, task, lease, inputs) = match message {
                 RenderMessage::SetBlender(path) => {
                     self.blender = path;
                     continue;
@@ -144,7 +152,8 @@ impl RenderActor {
                     spec,
                     task,
                     lease,
-                } => (job, spec, task, lease),
+                    inputs,
+                } => (job, spec, task, lease, inputs),
             };
             let context = TaskContext {
                 blobs: self.blobs.clone(),
@@ -154,7 +163,14 @@ impl RenderActor {
                 id: self.next_id,
             };
             self.next_id += 1;
-            let render = run_task(context, self.worker.take(), job, spec, task);
+            let worker = self.worker.take();
+            let render = async {
+                if task.is_merge() {
+                    (worker, run_merge(context, job, &spec, task, inputs).await)
+                } else {
+                    run_task(context, worker, job, spec, task).await
+                }
+            };
             tokio::pin!(render);
             // Render, while watching the inbox for a stop of this task. Dropping the render
             // drops its Blender, which kills it.
@@ -310,10 +326,15 @@ async fn run_task(
 
 /// The file a task's log is kept in.
 pub fn task_log_path(job_dir: &Path, task: &TaskSpec) -> PathBuf {
-    job_dir.join("logs").join(format!(
-        "f{}+{}-s{}+{}.log",
-        task.frame_start, task.frame_count, task.sample_offset, task.samples
-    ))
+    let name = if task.is_merge() {
+        format!("merge-f{}.log", task.frame_start)
+    } else {
+        format!(
+            "f{}+{}-s{}+{}.log",
+            task.frame_start, task.frame_count, task.sample_offset, task.samples
+        )
+    };
+    job_dir.join("logs").join(name)
 }
 
 /// Keeps what happened to a task, with Blender's last lines, in `<job_dir>/logs/`.
@@ -324,7 +345,6 @@ fn write_task_log(
     outcome: &Result<blendnet_render::Done, RenderError>,
     blender_log: &str,
 ) {
-    let path = task_log_path(job_dir, task);
     let result = match outcome {
         Ok(done) => format!(
             "done in {} ms: {} output(s)",
@@ -333,6 +353,11 @@ fn write_task_log(
         ),
         Err(e) => format!("failed: {e}"),
     };
+    write_log(job_dir, task, started, &result, blender_log);
+}
+
+fn write_log(job_dir: &Path, task: &TaskSpec, started: Instant, result: &str, blender_log: &str) {
+    let path = task_log_path(job_dir, task);
     let text = format!(
         "{task}\n{result} ({:.1} s in all)\n--- Blender's last lines ---\n{blender_log}\n",
         started.elapsed().as_secs_f64()
@@ -344,13 +369,8 @@ fn write_task_log(
     }
 }
 
-/// Fetches the job's scene into `<job_dir>/scene` and starts Blender on its `.blend`.
-async fn start_worker(
-    blobs: &Blobs,
-    blender: &Path,
-    job_dir: &Path,
-    spec: &JobSpec,
-) -> Result<Worker, String> {
+/// Fetches the job's scene into `<job_dir>/scene`; returns the path of its `.blend`.
+async fn fetch_scene(blobs: &Blobs, job_dir: &Path, spec: &JobSpec) -> Result<PathBuf, String> {
     let scene_dir = job_dir.join("scene");
     blobs
         .get(spec.scene, scene_dir.clone(), None)
@@ -369,7 +389,114 @@ async fn start_worker(
             spec.blend_path
         ));
     }
-    let worker = Worker::start(blender, &scene_dir.join(relative), job_dir)
+    Ok(scene_dir.join(relative))
+}
+
+/// Where a frame's merge works: its slices, the merged EXR and the preview.
+pub fn merge_dir(job_dir: &Path, frame: u32) -> PathBuf {
+    job_dir.join("merge").join(format!("frame_{frame:06}"))
+}
+
+/// The preview of a frame's latest merge, under [`merge_dir`].
+pub const PREVIEW_PNG: &str = "preview.png";
+
+/// Merges a frame's slices and finishes it into the scene's output file; returns a manifest of
+/// that file.
+async fn run_merge(
+    context: TaskContext,
+    job: JobId,
+    spec: &JobSpec,
+    task: TaskSpec,
+    inputs: Vec<BlobHash>,
+) -> Outcome {
+    let Some(blender) = context.blender else {
+        return Err("this peer has no usable Blender".into());
+    };
+    let started = Instant::now();
+    context.activity.send_replace(Some(Activity {
+        job,
+        task,
+        frames_done: 0,
+        samples_done: 0,
+    }));
+    let job_dir = context.work_dir.join(job.to_string());
+    let frame = task.frame_start;
+    let dir = merge_dir(&job_dir, frame);
+    let outcome = async {
+        let scene = fetch_scene(&context.blobs, &job_dir, spec).await?;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        let name = format!("frame_{frame:06}.exr");
+        let mut slices = Vec::with_capacity(inputs.len());
+        for (i, hash) in inputs.iter().enumerate() {
+            let slice_dir = dir.join(format!("slice_{i:04}"));
+            context
+                .blobs
+                .get(*hash, slice_dir.clone(), None)
+                .await
+                .map_err(|e| format!("fetching slice {hash}: {e}"))?;
+            slices.push(slice_dir.join(&name));
+        }
+        let merged = dir.join("merged.exr");
+        let options = blendnet_exr::MergeOptions {
+            preview: Some(blendnet_exr::PreviewOptions::new(dir.join(PREVIEW_PNG))),
+            ..Default::default()
+        };
+        let target = merged.clone();
+        let report =
+            tokio::task::spawn_blocking(move || blendnet_exr::merge(&slices, &target, &options))
+                .await
+                .map_err(|e| format!("merging: {e}"))?
+                .map_err(|e| format!("merging: {e}"))?;
+        if let Some(layer) = report
+            .layers
+            .iter()
+            .find(|l| l.samples != u64::from(task.samples))
+        {
+            return Err(format!(
+                "the slices of frame {frame} add up to {} samples in {}, not {}",
+                layer.samples, layer.name, task.samples
+            ));
+        }
+        let out_dir = dir.join("out");
+        tokio::fs::create_dir_all(&out_dir)
+            .await
+            .map_err(|e| format!("{}: {e}", out_dir.display()))?;
+        let frame_number =
+            i32::try_from(frame).map_err(|_| format!("frame {frame} is too large"))?;
+        blendnet_render::finish(&blender, &scene, &merged, frame_number, &out_dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        let view = context
+            .blobs
+            .add(vec![out_dir])
+            .await
+            .map_err(|e| format!("storing the finished frame: {e}"))?;
+        view.hash
+            .parse::<BlobHash>()
+            .map_err(|e| format!("storing the finished frame: {e}"))
+    }
+    .await;
+    let log = match &outcome {
+        Ok(_) => format!("merged {} slices and finished the frame", inputs.len()),
+        Err(e) => format!("failed: {e}"),
+    };
+    write_log(&job_dir, &task, started, &log, "");
+    let stats = TaskStats {
+        render_ms: started.elapsed().as_millis() as u64,
+        ..TaskStats::default()
+    };
+    outcome.map(|hash| (hash, stats))
+}
+
+/// Starts Blender on the job's scene, fetched into `<job_dir>/scene`.
+async fn start_worker(
+    blobs: &Blobs,
+    blender: &Path,
+    job_dir: &Path,
+    spec: &JobSpec,
+) -> Result<Worker, String> {
+    let scene = fetch_scene(blobs, job_dir, spec).await?;
+    let worker = Worker::start(blender, &scene, job_dir)
         .await
         .map_err(|e| e.to_string())?;
     let found = worker.ready().blender.clone();

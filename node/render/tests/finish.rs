@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blendnet_render::{FinishError, RenderTask, SliceMode, Worker, finish};
-use blendnet_tests::{blender, blender_python, blender_scene, cycles_merge};
+use blendnet_tests::{blender, blender_scene, cycles_merge, pixel_difference};
 
 /// Renders frame 1 of `scene` the way an artist does (`blender -b scene -f 1`), into `dir`.
 fn local_render(scene: &Path, dir: &Path) -> PathBuf {
@@ -47,28 +47,6 @@ async fn sliced_and_merged(scene: &Path, dir: &Path, samples: u32) -> PathBuf {
     let merged = dir.join("merged.exr");
     cycles_merge(&parts, &merged).unwrap();
     merged
-}
-
-/// The largest difference between two images' pixels, in 1/255 steps, and how many values
-/// differ (read by Blender, so any format it writes can be compared).
-fn pixel_difference(a: &Path, b: &Path) -> (f64, usize) {
-    let expr = format!(
-        "import bpy\n\
-         a = bpy.data.images.load({:?}); b = bpy.data.images.load({:?})\n\
-         assert tuple(a.size) == tuple(b.size), (a.size[:], b.size[:])\n\
-         d = [abs(x - y) for x, y in zip(a.pixels, b.pixels)]\n\
-         print('DIFF', max(d) * 255, sum(1 for x in d if x > 0))",
-        a.to_str().unwrap(),
-        b.to_str().unwrap()
-    );
-    let out = blender_python(None, &expr).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("DIFF "))
-        .expect("Blender printed no comparison");
-    let (max, count) = line.split_once(' ').unwrap();
-    (max.parse().unwrap(), count.parse().unwrap())
 }
 
 /// A 16-sample scene that writes PNG, with adaptive sampling off (slices need it off, and
