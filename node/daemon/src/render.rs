@@ -12,7 +12,7 @@
 //! ```
 //!
 //! A merge task (the last step of a sample-split frame, on the elected merger) fetches the
-//! frame's slices, merges them ([`blendnet_exr`]), keeps a preview beside them, and has Blender
+//! frame's slices, merges them ([`blendnet_exr`]), and has Blender
 //! finish the frame into the scene's output file ([`blendnet_render::finish`]); its result is a
 //! manifest of that file.
 //!
@@ -392,13 +392,10 @@ async fn fetch_scene(blobs: &Blobs, job_dir: &Path, spec: &JobSpec) -> Result<Pa
     Ok(scene_dir.join(relative))
 }
 
-/// Where a frame's merge works: its slices, the merged EXR and the preview.
-pub fn merge_dir(job_dir: &Path, frame: u32) -> PathBuf {
+/// Where a frame's merge works: its slices and the merged EXR.
+fn merge_dir(job_dir: &Path, frame: u32) -> PathBuf {
     job_dir.join("merge").join(format!("frame_{frame:06}"))
 }
-
-/// The preview of a frame's latest merge, under [`merge_dir`].
-pub const PREVIEW_PNG: &str = "preview.png";
 
 /// Merges a frame's slices and finishes it into the scene's output file; returns a manifest of
 /// that file.
@@ -437,16 +434,13 @@ async fn run_merge(
             slices.push(slice_dir.join(&name));
         }
         let merged = dir.join("merged.exr");
-        let options = blendnet_exr::MergeOptions {
-            preview: Some(blendnet_exr::PreviewOptions::new(dir.join(PREVIEW_PNG))),
-            ..Default::default()
-        };
         let target = merged.clone();
-        let report =
-            tokio::task::spawn_blocking(move || blendnet_exr::merge(&slices, &target, &options))
-                .await
-                .map_err(|e| format!("merging: {e}"))?
-                .map_err(|e| format!("merging: {e}"))?;
+        let report = tokio::task::spawn_blocking(move || {
+            blendnet_exr::merge(&slices, &target, &Default::default())
+        })
+        .await
+        .map_err(|e| format!("merging: {e}"))?
+        .map_err(|e| format!("merging: {e}"))?;
         if let Some(layer) = report
             .layers
             .iter()
@@ -471,6 +465,9 @@ async fn run_merge(
             .add(vec![out_dir])
             .await
             .map_err(|e| format!("storing the finished frame: {e}"))?;
+        // The slices and the finished file are in the store; the merged EXR (as large as a
+        // slice) is not needed any more.
+        let _ = tokio::fs::remove_dir_all(&dir).await;
         view.hash
             .parse::<BlobHash>()
             .map_err(|e| format!("storing the finished frame: {e}"))
