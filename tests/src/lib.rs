@@ -1168,6 +1168,14 @@ pub fn blender_scene(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Blender 4.2 from the `bpy` wheel, through `tests/bpy-blender/blender`: it has
+/// OpenImageDenoise, which Debian's Blender lacks. `.ci/run` installs the wheel in a venv and
+/// sets `BLENDNET_BPY_PYTHON`; elsewhere `None`, and the tests that need it say they skipped.
+pub fn bpy_blender() -> Option<PathBuf> {
+    std::env::var_os("BLENDNET_BPY_PYTHON")?;
+    Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("bpy-blender/blender"))
+}
+
 /// The largest difference between two images' pixels, in 1/255 steps, and how many values
 /// differ (read by Blender, so any format it writes can be compared).
 pub fn pixel_difference(a: &Path, b: &Path) -> (f64, usize) {

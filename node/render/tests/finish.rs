@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blendnet_render::{FinishError, RenderTask, SliceMode, Worker, finish};
-use blendnet_tests::{blender, blender_scene, cycles_merge, pixel_difference};
+use blendnet_tests::{blender, blender_scene, bpy_blender, cycles_merge, pixel_difference};
 
 /// Renders frame 1 of `scene` the way an artist does (`blender -b scene -f 1`), into `dir`.
 fn local_render(scene: &Path, dir: &Path) -> PathBuf {
@@ -143,14 +143,6 @@ async fn a_blender_that_cannot_denoise_says_so() {
             other => panic!("expected a missing denoiser, got {other:?}"),
         }
     }
-}
-
-/// Blender 4.2 from the `bpy` wheel, through `tests/bpy-blender/blender`: it has
-/// OpenImageDenoise, which Debian's Blender lacks. `.ci/run` installs the wheel in a venv and
-/// sets `BLENDNET_BPY_PYTHON`; elsewhere the denoise test says it skipped.
-fn bpy_blender() -> Option<PathBuf> {
-    std::env::var_os("BLENDNET_BPY_PYTHON")?;
-    Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/bpy-blender/blender"))
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use blendnet_render::{
     ErrorKind, Progress, RenderError, RenderTask, SliceMode, StartError, Worker,
 };
-use blendnet_tests::{blender, blender_scene, cycles_merge};
+use blendnet_tests::{blender, blender_scene, bpy_blender, cycles_merge};
 
 /// A scene made by Blender (see [`blender_scene`]).
 fn scene(dir: &Path, name: &str, extra: &str) -> PathBuf {
@@ -620,14 +620,6 @@ async fn whole_frames_that_ask_for_a_missing_denoiser_fail_up_front() {
         "ViewLayer.Denoising Albedo.R"
     ));
     worker.quit().await;
-}
-
-/// Blender 4.2 from the `bpy` wheel, through `tests/bpy-blender/blender`: it has
-/// OpenImageDenoise, which Debian's Blender lacks. `.ci/run` installs the wheel in a venv and
-/// sets `BLENDNET_BPY_PYTHON`; elsewhere the test that needs it says it skipped.
-fn bpy_blender() -> Option<PathBuf> {
-    std::env::var_os("BLENDNET_BPY_PYTHON")?;
-    Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/bpy-blender/blender"))
 }
 
 #[tokio::test]
