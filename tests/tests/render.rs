@@ -109,6 +109,21 @@ fn scene_problems_are_named_and_the_daemon_keeps_serving() {
         assert_eq!(state, "Failed");
         assert!(reason.contains("cannot read"), "{reason}");
 
+        // A scene that denoises, on a mesh whose Blenders cannot (Debian's has no
+        // OpenImageDenoise): said as soon as the first slice shows it, not after the frame.
+        let dir = scene_dir(&a, "denoise");
+        blender_scene(&dir, "shot", "scene.cycles.use_denoising = True")?;
+        let job = submit(&a, &add(&a, &dir)?, "shot.blend", "512")?;
+        let (state, reason) = outcome(&a, &job)?;
+        assert_eq!(state, "Failed");
+        assert!(reason.contains("OpenImageDenoise"), "{reason}");
+        let view = a.cli_json(&["status", &job, "--json"])?;
+        let (done, total) = (
+            view["summary"]["done_units"].as_u64().context("done")?,
+            view["summary"]["total_units"].as_u64().context("total")?,
+        );
+        assert!(done < total, "{done} of {total} samples rendered first");
+
         // Still serving: a good scene renders.
         let dir = scene_dir(&a, "good");
         blender_scene(&dir, "shot", "")?;

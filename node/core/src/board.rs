@@ -131,6 +131,8 @@ pub struct Member {
     pub live: bool,
     /// Takes render tasks (its status says so).
     pub renders: bool,
+    /// Its Blender can denoise (its status says so).
+    pub denoiser: bool,
 }
 
 /// Something that happened, for [`Board::handle`].
@@ -418,8 +420,9 @@ struct Entry {
 #[derive(Debug, Clone, Copy)]
 struct Mesh<'a> {
     me: PeerId,
-    /// Whether this node renders.
+    /// Whether this node renders, and whether its Blender can denoise.
     me_renders: bool,
+    me_denoiser: bool,
     members: &'a HashMap<PeerId, Member>,
     /// Live members, this node included.
     live: usize,
@@ -432,6 +435,23 @@ struct Mesh<'a> {
 impl Mesh<'_> {
     fn is_live(&self, peer: &PeerId) -> bool {
         *peer == self.me || self.members.get(peer).is_some_and(|m| m.live)
+    }
+
+    /// Whether `peer`'s Blender can denoise, as far as this node knows.
+    fn can_denoise(&self, peer: &PeerId) -> bool {
+        if *peer == self.me {
+            return self.me_denoiser;
+        }
+        self.members.get(peer).is_some_and(|m| m.denoiser)
+    }
+
+    /// Whether any render peer of the mesh, live or not, can denoise.
+    fn has_denoiser(&self) -> bool {
+        (self.me_renders && self.me_denoiser)
+            || self
+                .members
+                .values()
+                .any(|m| m.renders && m.denoiser && m.roles.contains(Role::Render))
     }
 
     /// Live peers that render, this node included if it does.

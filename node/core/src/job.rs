@@ -462,6 +462,8 @@ pub struct Job {
     done_tasks: usize,
     speed: Speed,
     speed_by_worker: BTreeMap<PeerId, Speed>,
+    /// A worker reported that the scene asks for denoising.
+    denoises: bool,
     /// XOR of the ids of the events held: equal sets, equal digests (anti-entropy).
     digest: [u8; 32],
 }
@@ -490,6 +492,7 @@ impl Job {
             done_tasks: 0,
             speed: Speed::default(),
             speed_by_worker: BTreeMap::new(),
+            denoises: false,
             digest: [0; 32],
         };
         job.reset();
@@ -508,6 +511,7 @@ impl Job {
         self.done_tasks = 0;
         self.speed = Speed::default();
         self.speed_by_worker.clear();
+        self.denoises = false;
         match &self.plan {
             Plan::Frames { tasks } => {
                 for t in tasks {
@@ -585,6 +589,12 @@ impl Job {
     /// One task's record.
     pub fn task(&self, task: &TaskSpec) -> Option<&TaskRecord> {
         self.tasks.get(task)
+    }
+
+    /// Whether the scene asks for denoising, as a worker that loaded it reported: its merges
+    /// need a Blender that can denoise.
+    pub fn denoises(&self) -> bool {
+        self.denoises
     }
 
     /// Measured speed over the whole job, and per worker.
@@ -812,6 +822,7 @@ impl Job {
             } => {
                 let rec = self.record(*task, applied);
                 rec.add_report(ev);
+                self.denoises |= stats.denoise;
                 self.speed.add(task, stats);
                 self.speed_by_worker
                     .entry(lease.worker)

@@ -1026,6 +1026,7 @@ async fn poll_members(
                         .capabilities
                         .as_ref()
                         .is_some_and(|c| c.render && c.blender.is_some()),
+                    denoiser: p.capabilities.as_ref().is_some_and(|c| c.denoiser),
                 })
             })
             .collect();

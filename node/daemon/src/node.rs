@@ -392,6 +392,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
                         b.devices.devices.iter().filter(|d| d.kind != "CPU").count()
                     }) as u32,
                     blender: caps.blender.as_ref().map(|b| b.version.clone()),
+                    denoiser: caps.blender.as_ref().is_some_and(|b| b.devices.denoiser),
                 }));
                 let _ = net
                     .set_capabilities(wire_capabilities(&caps, render_enabled))

@@ -311,6 +311,7 @@ async fn run_task(
         blender_start_ms,
         peak_memory_bytes: 0,
         seeded: done.seeded,
+        denoise: kept.worker.ready().denoise,
     };
     let imported = context.blobs.add(vec![out_dir.clone()]).await;
     let _ = std::fs::remove_dir_all(&out_dir);

@@ -463,6 +463,8 @@ pub struct TaskStats {
     /// The worker's Blender has no `sample_offset`, so this slice used a seed of its own:
     /// statistically equal noise, not the exact pixels of a single-machine render.
     pub seeded: bool,
+    /// The scene asks Cycles to denoise: its frames need a merger whose Blender can.
+    pub denoise: bool,
 }
 
 /// What an event says. The author is in the [`SignedEvent`] around it.
@@ -855,6 +857,8 @@ pub struct Offer {
     pub gpus: u32,
     /// Blender's version (`4.2.1`), if the worker found one.
     pub blender: Option<String>,
+    /// Its Blender can denoise (has OpenImageDenoise).
+    pub denoiser: bool,
 }
 
 /// Why a coordinator took a lease back.
@@ -1209,6 +1213,7 @@ mod tests {
                 cores: 64,
                 gpus: 8,
                 blender: Some("4.2.1".into()),
+                denoiser: true,
             },
             report: Some(failed.signed().clone()),
         };

@@ -72,6 +72,10 @@ pub struct Ready {
     /// Files the scene refers to that do not exist (absolute paths).
     pub missing: Vec<String>,
     pub view_layers: Vec<String>,
+    /// Cycles denoises the scene's final render: a sliced frame needs a merger whose Blender
+    /// has a denoiser.
+    #[serde(default)]
+    pub denoise: bool,
 }
 
 /// Why a task failed, as the script names it.

@@ -68,6 +68,7 @@ def ready():
         frame_end=scene.frame_end,
         missing=missing_files(),
         view_layers=[layer.name for layer in scene.view_layers],
+        denoise=asks_for_denoising(scene),
     )
 
 
@@ -167,14 +168,19 @@ def frame_path(scene, output_dir, frame):
     return render_settings.frame_path(frame=frame)
 
 
+def asks_for_denoising(scene):
+    """Whether Cycles denoises the scene's final render (some rendered view layer wants it)."""
+    if scene.render.engine != "CYCLES" or not scene.cycles.use_denoising:
+        return False
+    return any(layer.use and layer.cycles.use_denoising for layer in scene.view_layers)
+
+
 def cannot_denoise(scene):
     """Why this Blender cannot denoise the scene as it asks, or None. Cycles falls back to
     OpenImageDenoise when the scene's denoiser cannot run (OptiX without an NVIDIA GPU), and a
     Blender built without it (Debian's 3.4) stops the render with "Build without
     OpenImageDenoiser"."""
-    if scene.render.engine != "CYCLES" or not scene.cycles.use_denoising:
-        return None
-    if not any(layer.use and layer.cycles.use_denoising for layer in scene.view_layers):
+    if not asks_for_denoising(scene):
         return None
     import _cycles
 

@@ -98,6 +98,11 @@ pub(super) struct Coordination {
     merge_since: HashMap<TaskSpec, u64>,
 }
 
+/// Why a job whose scene denoises cannot finish on this mesh.
+const NO_DENOISER: &str = "the scene asks for denoising, and no peer's Blender can denoise \
+     (none has OpenImageDenoise; Debian's blender package lacks it): turn denoising off, or add \
+     a peer with Blender from blender.org";
+
 /// The rendezvous weight of `peer` as the merger of `frame`: spreads the merges of a job's
 /// frames over its peers when they hold equally many slices.
 fn merger_rank(job: &JobId, frame: u32, peer: &PeerId) -> [u8; 32] {
@@ -283,6 +288,12 @@ impl Coordination {
         if rec.state.is_done() || !job.in_cover(&task) {
             self.clear(task);
             return Vec::new();
+        }
+        if job.denoises() && !mesh.has_denoiser() {
+            // Said as soon as a first slice shows it, not after every frame is rendered.
+            return vec![Intent::Fail {
+                reason: NO_DENOISER.into(),
+            }];
         }
         // Adopt the newest leases (a predecessor's, or our own fresh grant) with a grace
         // period; retire leases whose worker reported; drop leases whose grant was fenced.
@@ -521,6 +532,10 @@ impl Coordination {
         mesh: &Mesh<'_>,
         now: u64,
     ) -> bool {
+        let denoises = job.denoises();
+        if denoises && !mesh.can_denoise(&from) {
+            return false;
+        }
         if self
             .merge_since
             .get(task)
@@ -553,6 +568,7 @@ impl Coordination {
         let record = job.task(task);
         mesh.live_render_peers()
             .filter(|p| record.is_none_or(|r| !r.failed_on(p)))
+            .filter(|p| !denoises || mesh.can_denoise(p))
             .max_by_key(|p| {
                 let holds = held.get(p).map_or(0, BTreeSet::len);
                 (holds, merger_rank(&job.id(), task.frame_start, p))
@@ -806,6 +822,7 @@ impl Board {
         let mesh = Mesh {
             me: self.me,
             me_renders: self.renders,
+            me_denoiser: self.offer.denoiser,
             members: &self.members,
             live: self.live,
             live_renderers: self.live_renderers,

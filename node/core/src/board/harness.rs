@@ -59,6 +59,8 @@ pub(super) struct NodeSpec {
     pub(super) renders: bool,
     /// Render speed: a task of cost `c` ms takes `c / speed` ms.
     pub(super) speed: f64,
+    /// Its Blender can denoise.
+    pub(super) denoiser: bool,
 }
 
 /// The network's behaviour.
@@ -254,6 +256,8 @@ pub(super) struct Net {
     pub(super) task_cost: Box<dyn Fn(&TaskSpec) -> u64>,
     /// Tasks a render fails on, with the nodes it fails on (empty: all).
     pub(super) failing: BTreeMap<TaskSpec, BTreeSet<usize>>,
+    /// Workers report that the scene asks for denoising.
+    pub(super) scene_denoises: bool,
     /// Publishes per node, for tests that look at traffic.
     pub(super) publishes: u64,
 }
@@ -285,7 +289,10 @@ impl Net {
                 keypair,
                 roles: spec.roles,
                 renders: spec.renders,
-                offer: Offer::default(),
+                offer: Offer {
+                    denoiser: spec.denoiser,
+                    ..Offer::default()
+                },
             };
             let offset = if cfg.clock_offsets {
                 rng.range(0, 1 << 40)
@@ -326,6 +333,7 @@ impl Net {
             violations: Vec::new(),
             task_cost: Box::new(|t| 1_000 * t.units().clamp(1, 10)),
             failing: BTreeMap::new(),
+            scene_denoises: false,
             publishes: 0,
         };
         for i in 0..n {
@@ -384,11 +392,13 @@ impl Net {
                 roles: n.spec.roles,
                 live: j == i || self.reachable(i, j),
                 renders: n.spec.renders,
+                denoiser: n.spec.denoiser,
             })
             .collect()
     }
 
-    fn membership_changed(&mut self) {
+    /// Tells every node of the members again, after a test changed their specs.
+    pub(super) fn membership_changed(&mut self) {
         let detect = self.cfg.detect_ms;
         for i in 0..self.nodes.len() {
             if self.up(i) {
@@ -848,6 +858,7 @@ impl Net {
                             blender_start_ms: 0,
                             peak_memory_bytes: 0,
                             seeded: false,
+                            denoise: self.scene_denoises,
                         },
                     },
                 );

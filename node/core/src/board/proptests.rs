@@ -164,12 +164,14 @@ fn run(s: &Scenario) -> Result<(), TestCaseError> {
         roles: Net::roles(true, s.submitter_renders, true),
         renders: s.submitter_renders,
         speed: 1.0,
+        denoiser: true,
     }];
     for (i, (renders, coordinates)) in s.nodes.iter().enumerate() {
         specs.push(NodeSpec {
             roles: Net::roles(false, *renders, *coordinates),
             renders: *renders,
             speed: 0.5 + (i % 3) as f64 * 0.5,
+            denoiser: true,
         });
     }
     let n = specs.len();

@@ -62,12 +62,14 @@ fn farm() -> (Net, JobId) {
         roles: Net::roles(true, false, true),
         renders: false,
         speed: 1.0,
+        denoiser: true,
     }];
     for (i, speed) in speeds().into_iter().enumerate() {
         specs.push(NodeSpec {
             roles: Net::roles(false, true, i < CANDIDATES),
             renders: true,
             speed,
+            denoiser: true,
         });
     }
     let mut net = Net::new(specs, config(), SEED);

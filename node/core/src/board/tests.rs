@@ -39,6 +39,7 @@ fn member(p: &Peer, r: &str, renders: bool) -> Member {
         roles: roles(r),
         live: true,
         renders,
+        denoiser: true,
     }
 }
 
@@ -764,12 +765,14 @@ fn spec_nodes(n: usize, coordinators: usize) -> Vec<NodeSpec> {
         roles: Net::roles(true, false, true),
         renders: false,
         speed: 1.0,
+        denoiser: true,
     }];
     for i in 1..n {
         specs.push(NodeSpec {
             roles: Net::roles(false, true, i <= coordinators),
             renders: true,
             speed: 1.0,
+            denoiser: true,
         });
     }
     specs
@@ -1155,6 +1158,7 @@ fn sliced_still(seed: u64, prepare: impl FnOnce(&mut Net)) -> (Net, JobId) {
     // Slices cost 20 ms a sample; a merge, two seconds.
     net.task_cost = Box::new(|t| if t.is_merge() { 2_000 } else { 20 * t.units() });
     prepare(&mut net);
+    net.membership_changed();
     let job = net.submit(0, still_spec(2048));
     (net, job)
 }
@@ -1227,4 +1231,44 @@ fn a_merge_that_fails_or_whose_merger_dies_moves_to_another_peer() {
     // Within a lease and a departed peer's grace, not much more.
     let regranted = grants.iter().find(|g| g.0 != elected).unwrap().2;
     assert!(regranted - at <= LEASE_MS + 5_000, "{}", regranted - at);
+}
+
+#[test]
+fn a_scene_that_denoises_merges_on_a_peer_that_can_and_fails_early_where_none_can() {
+    // Only node 3's Blender can denoise: it merges, whoever holds the slices.
+    let (mut net, job) = sliced_still(24, |net| {
+        net.scene_denoises = true;
+        for i in 1..3 {
+            net.nodes[i].spec.denoiser = false;
+        }
+    });
+    assert!(net.settle(job, 600_000));
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+    let view = net.board(0).unwrap().job(&job).unwrap();
+    assert_eq!(view.summary.status, JobStatus::Done);
+    let grants = merge_grants(&net);
+    assert!(!grants.is_empty());
+    assert!(grants.iter().all(|g| g.0 == net.peer(3)), "{grants:?}");
+
+    // No peer can denoise: the job fails with the reason as soon as a slice shows the scene
+    // denoises, long before the frame is rendered.
+    let (mut net, job) = sliced_still(24, |net| {
+        net.scene_denoises = true;
+        for node in &mut net.nodes {
+            node.spec.denoiser = false;
+        }
+    });
+    assert!(net.settle(job, 600_000));
+    let view = net.board(0).unwrap().job(&job).unwrap();
+    let JobStatus::Failed { reason } = &view.summary.status else {
+        panic!("expected failure, got {:?}", view.summary.status);
+    };
+    assert!(reason.contains("OpenImageDenoise"), "{reason}");
+    assert!(merge_grants(&net).is_empty());
+    assert!(
+        view.summary.done_units < view.summary.total_units / 2,
+        "{} of {} samples rendered first",
+        view.summary.done_units,
+        view.summary.total_units
+    );
 }
