@@ -17,15 +17,23 @@
 //!
 //! [`finish`] makes the artist's file of a merged frame (denoise, compositor, output format).
 //!
+//! [`collect`] lists every file a scene needs, for its upload, and saves a copy of the scene
+//! whose paths resolve once the upload is laid out as the artist's project.
+//!
 //! See [`protocol`] for the messages and [`Worker`] for the process's life: start, render,
 //! cancel (kill), crash and hang detection.
 
+pub mod collect;
 pub mod devices;
 pub mod discovery;
 pub mod finish;
+mod oneshot;
 pub mod protocol;
 pub mod worker;
 
+pub use collect::{
+    COLLECT_PY, CollectError, Collected, SceneInfo, collect, project_root, upload_list,
+};
 pub use devices::{Device, Devices};
 pub use finish::{FinishError, finish};
 pub use protocol::{ErrorKind, Ready, RenderTask, SliceMode};
