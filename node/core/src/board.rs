@@ -309,9 +309,9 @@ pub struct JobSummary {
     /// Frame-samples done over frame-samples in all.
     pub done_units: u64,
     pub total_units: u64,
-    /// Some slice was rendered by a Blender without `sample_offset`, with a seed of its own:
-    /// the merged frame will be statistically, not exactly, equal to a local render.
-    pub seeded: bool,
+    /// Some slice's samples are not exactly a single render's (see `TaskStats::inexact`): the
+    /// merged frame will be statistically, not exactly, equal to a local render.
+    pub inexact: bool,
 }
 
 /// One frame's progress.
@@ -342,6 +342,9 @@ pub struct JobView {
     pub spec: JobSpec,
     pub frames: Vec<FrameProgress>,
     pub tasks: Vec<TaskView>,
+    /// The finished outputs (manifests of the files the scene's output settings name): merged
+    /// frames of a sample-split job, done tasks of a whole-frame job.
+    pub outputs: Vec<BlobHash>,
     /// Whether this board coordinates the job now.
     pub coordinating: bool,
 }
@@ -712,6 +715,7 @@ impl Board {
                         .collect(),
                 })
                 .collect(),
+            outputs: job.outputs().map(|(_, hash)| hash).collect(),
             coordinating: entry.coord.is_some(),
         })
     }
@@ -1234,10 +1238,10 @@ fn summary(entry: &Entry) -> JobSummary {
         coordinator: job.claim(),
         done_units: progress.iter().map(|(_, d, _)| d).sum(),
         total_units: progress.iter().map(|(_, _, t)| t).sum(),
-        seeded: job
+        inexact: job
             .tasks()
             .values()
-            .any(|t| t.reports().any(|r| r.stats.seeded)),
+            .any(|t| t.reports().any(|r| r.stats.inexact)),
     }
 }
 

@@ -460,9 +460,11 @@ pub struct TaskStats {
     pub blender_start_ms: u64,
     /// Peak memory of the Blender process.
     pub peak_memory_bytes: u64,
-    /// The worker's Blender has no `sample_offset`, so this slice used a seed of its own:
-    /// statistically equal noise, not the exact pixels of a single-machine render.
-    pub seeded: bool,
+    /// This slice's samples are not exactly the ones a single render of the frame takes, so the
+    /// merged frame equals a local render statistically (same noise level), not pixel for
+    /// pixel: the worker's Blender has no `sample_offset` (a seed of its own stood in), or its
+    /// sampling pattern depends on the sample count (see worker.py `exact_slices`).
+    pub inexact: bool,
     /// The scene asks Cycles to denoise: its frames need a merger whose Blender can.
     pub denoise: bool,
 }

@@ -56,6 +56,7 @@ fn task(id: u64, dir: &Path, mode: SliceMode, frames: Vec<i32>, offset: u32) -> 
         mode,
         frames,
         samples: 1,
+        frame_samples: 0,
         sample_offset: offset,
         output_dir,
         allow_missing: false,

@@ -156,8 +156,9 @@ fn blender_devices(path: &Path) -> Result<Devices, String> {
     }
 }
 
-/// Where Blender is, without running it.
-fn locate_blender(
+/// Where Blender is (explicit path, then `env`, then `blender` on `path_var`), without running
+/// it.
+pub fn locate_blender(
     explicit: Option<&Path>,
     env: Option<&OsStr>,
     path_var: Option<&OsStr>,

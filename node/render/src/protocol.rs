@@ -47,6 +47,10 @@ pub struct RenderTask {
     pub frames: Vec<i32>,
     /// Slice length ([`SliceMode::Slice`] only).
     pub samples: u32,
+    /// The frame's samples in all, of which the slice is a part ([`SliceMode::Slice`] only; 0
+    /// when unknown): whether slices are exact depends on it.
+    #[serde(default)]
+    pub frame_samples: u32,
     /// Slice start ([`SliceMode::Slice`] only).
     pub sample_offset: u32,
     /// An existing directory for the outputs: `frame_<NNNNNN>.exr` for a
@@ -110,9 +114,10 @@ pub(crate) enum Reply {
         id: u64,
         outputs: Vec<PathBuf>,
         render_ms: u64,
-        /// True when the slice used a seed instead of `sample_offset`.
+        /// True when the slice's samples are not exactly a single render's (see worker.py
+        /// `exact_slices`).
         #[serde(default)]
-        seeded: bool,
+        inexact: bool,
     },
     Error {
         id: Option<u64>,
@@ -155,7 +160,7 @@ mod tests {
                 id: 3,
                 outputs: vec!["/a.exr".into()],
                 render_ms: 5,
-                seeded: false
+                inexact: false
             }))
         );
         assert!(matches!(
@@ -173,6 +178,7 @@ mod tests {
             mode: SliceMode::Slice,
             frames: vec![1],
             samples: 8,
+            frame_samples: 16,
             sample_offset: 8,
             output_dir: "/tmp/x".into(),
             allow_missing: false,

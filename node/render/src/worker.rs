@@ -76,8 +76,9 @@ pub struct Done {
     pub outputs: Vec<PathBuf>,
     /// Render time measured inside Blender.
     pub render_ms: u64,
-    /// The slice used a distinct seed because this Blender has no `sample_offset`.
-    pub seeded: bool,
+    /// The slice's samples are not exactly a single render's: this Blender has no
+    /// `sample_offset`, or its sampling pattern depends on the sample count.
+    pub inexact: bool,
 }
 
 /// Why a worker could not be started.
@@ -323,12 +324,12 @@ impl Worker {
                     id,
                     outputs,
                     render_ms,
-                    seeded,
+                    inexact,
                 } if id == task.id => {
                     return Ok(Done {
                         outputs,
                         render_ms,
-                        seeded,
+                        inexact,
                     });
                 }
                 Reply::Error {

@@ -857,7 +857,7 @@ impl Net {
                             samples: r.task.samples,
                             blender_start_ms: 0,
                             peak_memory_bytes: 0,
-                            seeded: false,
+                            inexact: false,
                             denoise: self.scene_denoises,
                         },
                     },

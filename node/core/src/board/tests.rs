@@ -130,7 +130,7 @@ fn a_lone_node_renders_its_own_job_and_a_mesh_of_one_needs_no_second_holder() {
                                 render_ms: 1_000,
                                 samples: 64,
                                 // A Blender without sample_offset rendered frame 2.
-                                seeded: task.frame_start == 2,
+                                inexact: task.frame_start == 2,
                                 ..Default::default()
                             },
                         },
@@ -154,7 +154,7 @@ fn a_lone_node_renders_its_own_job_and_a_mesh_of_one_needs_no_second_holder() {
     assert!(view.tasks.iter().all(|t| t.state.is_done()));
     assert_eq!(view.summary.done_units, view.summary.total_units);
     assert_eq!(view.summary.coordinator, Some((1, me.id)));
-    assert!(view.summary.seeded, "the job says a slice was seeded");
+    assert!(view.summary.inexact, "the job says a slice was inexact");
     assert_eq!(b.next_deadline(), None, "nothing left to wait for");
 }
 
@@ -346,8 +346,8 @@ fn a_worker_pulls_renders_and_the_task_is_done_only_once_a_second_peer_holds_the
     d.pump(5_200, out, Vec::new());
     assert_eq!(d.w.job(&d.job).unwrap().summary.status, JobStatus::Done);
     assert!(
-        !d.w.job(&d.job).unwrap().summary.seeded,
-        "no slice was seeded"
+        !d.w.job(&d.job).unwrap().summary.inexact,
+        "no slice was inexact"
     );
 }
 
