@@ -327,14 +327,14 @@ fn a_still_sliced_across_three_peers_is_merged_and_lands_in_the_output_folder() 
         // The submitter put the finished frame where it was asked, named as Blender names it.
         let delivered = eventually(JOB_WITHIN, Duration::from_millis(300), || {
             let view = a.cli_json(&["status", &job, "--json"])?;
-            let files = view["outputs"]["files"]
+            let files = view["delivery"]["files"]
                 .as_array()
                 .context("no outputs")?
                 .clone();
             ensure!(
                 !files.is_empty(),
                 "nothing delivered yet: {}",
-                view["outputs"]
+                view["delivery"]
             );
             Ok(files)
         })?;

@@ -27,6 +27,7 @@
 //! | `DELETE /v1/jobs/{id}` | – | [`JobRef`] (cancelled) |
 //! | `GET /v1/jobs/{id}/logs` | – | JSON array of `{"task", "log"}`: the tasks this node rendered |
 //! | `GET /v1/jobs/{id}/preview?frame=N&size=PX` | – | `image/png`: the merge of the frame's slices so far |
+//! | `POST /v1/jobs/{id}/fetch` | [`FetchRequest`] | [`FetchView`]: the finished frames, copied into a folder |
 //! | `GET /v1/events` | – | server-sent events, one [`JobChange`] per job change |
 //!
 //! Status codes: 400 bad request (malformed JSON, wrong fields, a value the backend refuses),
@@ -154,8 +155,40 @@ pub struct PeerRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreAddRequest {
-    /// Absolute paths on the daemon's machine.
+    /// Absolute paths on the daemon's machine: each file under its name, each directory's
+    /// files under the directory's name (or at the top, when it is the only path).
+    #[serde(default)]
     pub paths: Vec<String>,
+    /// Files under names of the caller's choosing: how a scene keeps its project's layout.
+    #[serde(default)]
+    pub files: Vec<NamedFile>,
+}
+
+/// A file to import, and the relative path it gets in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedFile {
+    /// An absolute path on the daemon's machine.
+    pub path: String,
+    /// Its relative path in the manifest (`/`-separated, no `..`).
+    pub name: String,
+}
+
+/// `POST /v1/jobs/{id}/fetch`: copy a job's finished frames into a folder on this machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchRequest {
+    /// An absolute path.
+    pub out: String,
+}
+
+/// What a fetch wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchView {
+    /// The files written, sorted.
+    pub files: Vec<String>,
+    /// The job is done: every frame is in the files.
+    pub complete: bool,
 }
 
 /// What `store add` imported.
@@ -319,6 +352,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
         id: String,
         query: PreviewQuery,
     ) -> impl Future<Output = Result<Vec<u8>, ApiError>> + Send;
+    /// `POST /v1/jobs/{id}/fetch`: answers when the files are written.
+    fn job_fetch(
+        &self,
+        id: String,
+        req: FetchRequest,
+    ) -> impl Future<Output = Result<FetchView, ApiError>> + Send;
     /// `DELETE /v1/jobs/{id}`.
     fn cancel(&self, id: String) -> impl Future<Output = Result<JobRef, ApiError>> + Send;
     /// `GET /v1/events`: job changes from now on.
@@ -349,6 +388,7 @@ pub fn router<B: Backend>(token: String, backend: B) -> Router {
         .route("/v1/jobs/{id}", get(job::<B>).delete(cancel::<B>))
         .route("/v1/jobs/{id}/logs", get(job_logs::<B>))
         .route("/v1/jobs/{id}/preview", get(job_preview::<B>))
+        .route("/v1/jobs/{id}/fetch", post(job_fetch::<B>))
         .route("/v1/events", get(events::<B>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -614,6 +654,17 @@ async fn job_preview<B: Backend>(
     }
 }
 
+async fn job_fetch<B: Backend>(
+    State(backend): State<B>,
+    Path(id): Path<String>,
+    body: Result<axum::Json<FetchRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(axum::Json(req)) => reply(backend.job_fetch(id, req).await),
+        Err(rejection) => json_rejection(rejection),
+    }
+}
+
 async fn cancel<B: Backend>(State(backend): State<B>, Path(id): Path<String>) -> Response {
     reply(backend.cancel(id).await)
 }
@@ -743,6 +794,10 @@ pub(crate) mod fake {
         }
 
         async fn job_preview(&self, id: String, _query: PreviewQuery) -> Result<Vec<u8>, ApiError> {
+            Err(ApiError::NotFound(format!("no job {id}")))
+        }
+
+        async fn job_fetch(&self, id: String, _req: FetchRequest) -> Result<FetchView, ApiError> {
             Err(ApiError::NotFound(format!("no job {id}")))
         }
 

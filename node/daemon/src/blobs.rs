@@ -219,12 +219,36 @@ impl Blobs {
     /// Imports files and directories as one manifest: one directory alone keeps its own
     /// layout; otherwise each file by its name and each directory under its name.
     pub async fn add(&self, paths: Vec<PathBuf>) -> Result<StoreAddView, ApiError> {
-        if paths.is_empty() {
+        self.add_named(paths, Vec::new()).await
+    }
+
+    /// [`Blobs::add`], with files under names of the caller's choosing besides (relative
+    /// paths in the manifest, checked like every manifest path).
+    pub async fn add_named(
+        &self,
+        paths: Vec<PathBuf>,
+        named: Vec<(PathBuf, String)>,
+    ) -> Result<StoreAddView, ApiError> {
+        if paths.is_empty() && named.is_empty() {
             return Err(bad("name at least one file or directory"));
         }
         let store = self.store.clone();
         let added = blocking(move || {
             let mut entries: Vec<ManifestEntry> = Vec::new();
+            for (path, name) in &named {
+                let meta =
+                    std::fs::metadata(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+                if !meta.is_file() {
+                    return Err(bad(format!("{} is not a file", path.display())));
+                }
+                let (hash, size) = store.import_file(path).map_err(bad)?;
+                entries.push(ManifestEntry {
+                    path: name.clone(),
+                    hash,
+                    size,
+                    executable: is_executable(&meta),
+                });
+            }
             let single_dir = paths.len() == 1 && paths[0].is_dir();
             for path in &paths {
                 let meta =

@@ -2,7 +2,8 @@
 //! is a client of the running daemon's local API.
 
 use crate::api::{
-    AdmitRequest, InviteRequest, RevokeRequest, StoreAddRequest, StoreGetRequest, SubmitRequest,
+    AdmitRequest, FetchRequest, InviteRequest, RevokeRequest, StoreAddRequest, StoreGetRequest,
+    SubmitRequest,
 };
 use crate::client::Client;
 use crate::config::{Config, Overrides};
@@ -92,6 +93,23 @@ pub enum Command {
     Cancel {
         /// The job id.
         job: String,
+    },
+    /// See the mesh work: a throwaway two-node mesh renders a generated scene sliced across
+    /// both nodes, compared with a local render of it.
+    Demo(crate::demo::DemoArgs),
+    /// Render a .blend across the mesh: collect its files, upload them, submit; with --wait,
+    /// follow it until the frames are in the output folder.
+    Render(crate::render_cmd::RenderArgs),
+    /// Copy the finished frames of a job (submitted from any peer) into a folder.
+    Fetch {
+        /// The job id.
+        job: String,
+        /// Where the frames go (default: the current directory).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// The blob store: add files, fetch them from the mesh, list, collect garbage.
     #[command(subcommand)]
@@ -284,6 +302,14 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 
 /// Runs the command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // The demo makes its own throwaway nodes.
+    let cli = match cli {
+        Cli {
+            command: Command::Demo(args),
+            ..
+        } => return crate::demo::demo(args),
+        cli => cli,
+    };
     // Every command but `join` opens (and creates) the data directory first; `join` checks its
     // code before, so a garbled code changes nothing on disk.
     let data_dir = || DataDir::resolve(cli.data_dir.clone());
@@ -308,7 +334,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         _ => data_dir()?,
     };
     match cli.command {
-        Command::Join { .. } | Command::Merge(_) => {}
+        Command::Join { .. } | Command::Merge(_) | Command::Demo(_) => {}
         Command::Init => {
             let mesh = crate::node::init(&data_dir)?;
             eprintln!("created mesh; start the node with `blendnet up`");
@@ -522,6 +548,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let job = Client::connect(&data_dir)?.cancel(&job)?;
             println!("cancelled {}", job.job);
         }
+        Command::Render(args) => crate::render_cmd::render(&data_dir, args)?,
+        Command::Fetch { job, out, json } => {
+            let request = FetchRequest {
+                out: absolute(&out)?,
+            };
+            let view = Client::connect(&data_dir)?.job_fetch(&job, &request)?;
+            if json {
+                return print_json(&view);
+            }
+            for file in &view.files {
+                println!("{file}");
+            }
+            if !view.complete {
+                eprintln!("the job is not done: these are the frames finished so far");
+            }
+        }
     }
     Ok(())
 }
@@ -610,7 +652,7 @@ fn job_line(job: &serde_json::Value) -> String {
 }
 
 /// A job status as one word: `active`, `done`, `cancelled`, `failed`.
-fn status_word(status: Option<&serde_json::Value>) -> String {
+pub(crate) fn status_word(status: Option<&serde_json::Value>) -> String {
     match status {
         Some(serde_json::Value::String(s)) => s.to_lowercase(),
         Some(serde_json::Value::Object(map)) => map
@@ -635,10 +677,11 @@ fn print_job(view: &serde_json::Value) {
     {
         println!("  reason: {reason}");
     }
-    if summary.get("seeded").and_then(|v| v.as_bool()) == Some(true) {
+    if summary.get("inexact").and_then(|v| v.as_bool()) == Some(true) {
         println!(
-            "  note: a peer's Blender has no sample_offset; its slices used their own seeds, so \
-             the frame will match a local render statistically, not exactly"
+            "  note: some slices' samples differ from a single render's (a Blender without \
+             sample_offset, or a sampling pattern that depends on the sample count), so the \
+             frame will match a local render statistically, not pixel for pixel"
         );
     }
     if let Some(coordinator) = summary.get("coordinator").and_then(|c| c.as_array()) {
@@ -710,7 +753,10 @@ fn store(data_dir: &DataDir, command: StoreCommand) -> anyhow::Result<()> {
                 .iter()
                 .map(|p| absolute(p))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let view = client.store_add(&StoreAddRequest { paths })?;
+            let view = client.store_add(&StoreAddRequest {
+                paths,
+                files: Vec::new(),
+            })?;
             eprintln!("{} files, {}", view.files, human_bytes(view.bytes));
             println!("{}", view.hash);
         }

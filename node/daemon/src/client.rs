@@ -17,8 +17,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    AdmitRequest, ErrorBody, InviteRequest, InviteView, JobRef, PeerRef, RevokeRequest, StatusView,
-    StoreAddRequest, StoreAddView, StoreGcView, StoreGetRequest, StoreGetView, SubmitRequest,
+    AdmitRequest, ErrorBody, FetchRequest, FetchView, InviteRequest, InviteView, JobRef, PeerRef,
+    RevokeRequest, StatusView, StoreAddRequest, StoreAddView, StoreGcView, StoreGetRequest,
+    StoreGetView, SubmitRequest,
 };
 use crate::data_dir::{self, DataDir, ReadSecretError};
 
@@ -220,6 +221,20 @@ impl Client {
     /// `GET /v1/jobs/{id}/logs`.
     pub fn job_logs(&self, id: &str) -> Result<serde_json::Value, ClientError> {
         self.get(&format!("/v1/jobs/{id}/logs"))
+    }
+
+    /// `POST /v1/jobs/{id}/fetch`: waits as long as the transfers take (up to
+    /// [`LONG_REQUEST_TIMEOUT`]).
+    pub fn job_fetch(&self, id: &str, req: &FetchRequest) -> Result<FetchView, ClientError> {
+        let response = self
+            .agent
+            .post(self.url(&format!("/v1/jobs/{id}/fetch")))
+            .config()
+            .timeout_global(Some(LONG_REQUEST_TIMEOUT))
+            .build()
+            .header("Authorization", &self.authorization)
+            .send_json(req);
+        self.finish(response)
     }
 
     /// `POST /v1/jobs`.

@@ -238,7 +238,7 @@ impl Deliveries {
 
 /// Fetches the output manifest `hash`, lays it out in `staging`, and copies its files into
 /// `dir` (each through a temporary name, renamed when complete). Returns the files written.
-async fn deliver(
+pub async fn deliver(
     blobs: &Blobs,
     hash: BlobHash,
     staging: &Path,

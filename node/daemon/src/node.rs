@@ -13,15 +13,16 @@
 //! table maps a peer id to its last known multiaddrs.
 
 use crate::api::{
-    self, AdmitRequest, ApiError, Backend, InviteRequest, InviteView, JobChange, JobRef, PeerRef,
-    PreviewQuery, RevokeRequest, StatusView, StoreAddRequest, StoreAddView, StoreGcView,
-    StoreGetRequest, StoreGetView, SubmitRequest,
+    self, AdmitRequest, ApiError, Backend, FetchRequest, FetchView, InviteRequest, InviteView,
+    JobChange, JobRef, PeerRef, PreviewQuery, RevokeRequest, StatusView, StoreAddRequest,
+    StoreAddView, StoreGcView, StoreGetRequest, StoreGetView, SubmitRequest,
 };
 use crate::blobs::{Blobs, store_dir};
 use crate::board::{Board, BoardSetup};
 use crate::capabilities::Capabilities;
 use crate::config::Config;
 use crate::data_dir::{DataDir, ReadSecretError, SECRET_MODE, read_secret, write_atomic};
+use crate::deliver;
 use crate::preview;
 use crate::render::{Render, RenderMessage};
 use crate::state::State;
@@ -697,7 +698,22 @@ impl Backend for NodeBackend {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.blobs.add(paths).await
+        let named = req
+            .files
+            .into_iter()
+            .map(|f| {
+                let path = PathBuf::from(&f.path);
+                if path.is_absolute() {
+                    Ok((path, f.name))
+                } else {
+                    Err(ApiError::BadRequest(format!(
+                        "{:?} is not an absolute path",
+                        f.path
+                    )))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.blobs.add_named(paths, named).await
     }
 
     async fn store_get(&self, req: StoreGetRequest) -> Result<StoreGetView, ApiError> {
@@ -781,9 +797,9 @@ impl Backend for NodeBackend {
             Some(view) => {
                 let mut value =
                     serde_json::to_value(view).map_err(|e| ApiError::Internal(e.to_string()))?;
-                let outputs = self.board.outputs(job).await.map_err(board_error)?;
-                value["outputs"] =
-                    serde_json::to_value(outputs).map_err(|e| ApiError::Internal(e.to_string()))?;
+                let delivery = self.board.outputs(job).await.map_err(board_error)?;
+                value["delivery"] = serde_json::to_value(delivery)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
                 Ok(value)
             }
             None => Err(ApiError::NotFound(format!("no job {id} on this node"))),
@@ -859,6 +875,37 @@ impl Backend for NodeBackend {
         let dir = self.work_dir.join(job.to_string()).join("preview");
         let hashes: Vec<blendnet_proto::BlobHash> = slices.iter().map(|(_, h)| *h).collect();
         preview::png(&self.blobs, &dir, frame, &hashes, size).await
+    }
+
+    async fn job_fetch(&self, id: String, req: FetchRequest) -> Result<FetchView, ApiError> {
+        let job = parse_job(&id)?;
+        let out = PathBuf::from(&req.out);
+        if !out.is_absolute() {
+            return Err(ApiError::BadRequest(format!(
+                "{:?} is not an absolute path",
+                req.out
+            )));
+        }
+        let Some(view) = self.board.job(job).await.map_err(board_error)? else {
+            return Err(ApiError::NotFound(format!("no job {id} on this node")));
+        };
+        let mut files = Vec::new();
+        for hash in &view.outputs {
+            let staging = self
+                .work_dir
+                .join(job.to_string())
+                .join("fetch")
+                .join(hash.to_string());
+            let written = deliver::deliver(&self.blobs, *hash, &staging, &out).await;
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            files.extend(written.map_err(ApiError::Internal)?);
+        }
+        let mut files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        files.sort();
+        Ok(FetchView {
+            files,
+            complete: view.summary.status == blendnet_core::job::JobStatus::Done,
+        })
     }
 
     async fn cancel(&self, id: String) -> Result<JobRef, ApiError> {

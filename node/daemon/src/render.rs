@@ -268,6 +268,7 @@ async fn run_task(
         },
         frames: task.frames().map(|f| f as i32).collect(),
         samples: task.samples,
+        frame_samples: spec.samples,
         sample_offset: task.sample_offset,
         output_dir: out_dir.clone(),
         allow_missing: false,
@@ -310,7 +311,7 @@ async fn run_task(
         samples: task.samples,
         blender_start_ms,
         peak_memory_bytes: 0,
-        seeded: done.seeded,
+        inexact: done.inexact,
         denoise: kept.worker.ready().denoise,
     };
     let imported = context.blobs.add(vec![out_dir.clone()]).await;

@@ -1,0 +1,359 @@
+//! `blendnet render SCENE.blend` end to end: real daemons on loopback, real Blender. The scene's
+//! files are collected by Blender, uploaded with their layout, rendered across the mesh, and the
+//! finished frames land where asked, equal to what `blender -b` writes locally.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use blendnet_tests::{Node, blender, blender_python, e2e, eventually, mesh, pixel_difference};
+use serde_json::Value;
+
+/// A small job finishes well within this on a loaded 2-core machine.
+const JOB_WITHIN: Duration = Duration::from_secs(180);
+
+fn three_peers() -> Result<Vec<Node>> {
+    let blender = blender();
+    mesh(
+        &["a", "b", "c"],
+        &["--blender", blender.to_str().context("path")?],
+    )
+}
+
+/// Runs Blender Python that builds a scene and saves it at `path` (saved once before `setup`
+/// runs, so relative paths can be made).
+fn make_scene(path: &Path, setup: &str) -> Result<()> {
+    fs::create_dir_all(path.parent().context("parent")?)?;
+    let script = format!(
+        "import bpy\n\
+         bpy.ops.wm.save_as_mainfile(filepath={path:?})\n\
+         scene = bpy.context.scene\n\
+         scene.render.engine = 'CYCLES'\n\
+         scene.cycles.device = 'CPU'\n\
+         scene.cycles.samples = 16\n\
+         scene.cycles.use_adaptive_sampling = False\n\
+         scene.cycles.use_denoising = False\n\
+         scene.render.resolution_x = 64\n\
+         scene.render.resolution_y = 48\n\
+         scene.render.resolution_percentage = 100\n\
+         scene.render.image_settings.file_format = 'PNG'\n\
+         scene.render.filepath = '//render/shot_'\n\
+         {setup}\n\
+         bpy.ops.wm.save_mainfile()\n",
+        path = path.to_str().context("UTF-8")?
+    );
+    blender_python(None, &script)?;
+    ensure!(path.exists(), "Blender did not save {}", path.display());
+    Ok(())
+}
+
+/// Renders `frames` (`1` or `1..6`) of `scene` the way an artist does, into `dir`; returns the
+/// files by frame.
+fn local_render(scene: &Path, dir: &Path, frames: &str) -> Result<Vec<PathBuf>> {
+    let out = Command::new(blender())
+        .arg("-b")
+        .arg(scene)
+        .arg("-o")
+        .arg(dir.join("local_####"))
+        .args(["-f", frames])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("local_"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// `blendnet render ... --wait --json` on `node`: the JSON lines it printed, the last one
+/// being the outcome.
+fn render_wait(node: &Node, args: &[&str]) -> Result<Vec<Value>> {
+    let mut all = vec!["render"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--wait", "--json"]);
+    let out = node.cli_ok_within(&all, JOB_WITHIN)?;
+    out.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect()
+}
+
+/// Peers that rendered the job's tasks that count, as the submitter's view says.
+fn renderers(node: &Node, job: &str) -> Result<std::collections::BTreeSet<String>> {
+    let view = node.cli_json(&["status", job, "--json"])?;
+    Ok(view["tasks"]
+        .as_array()
+        .context("tasks")?
+        .iter()
+        .filter(|t| t["task"]["kind"] == "render" && t["in_cover"] == true)
+        .filter_map(|t| t["results"][0][0].as_str().map(str::to_owned))
+        .collect())
+}
+
+#[test]
+fn an_animation_split_by_frames_across_three_peers_is_every_frame_of_a_local_render() {
+    e2e(|| {
+        let nodes = three_peers()?;
+        let a = &nodes[0];
+        let project = a.data_dir().with_file_name("anim");
+        let scene = project.join("shot.blend");
+        make_scene(
+            &scene,
+            "scene.frame_start = 1\n\
+             scene.frame_end = 6\n\
+             cube = bpy.data.objects['Cube']\n\
+             cube.location.x = -1.5\n\
+             cube.keyframe_insert('location', frame=1)\n\
+             cube.location.x = 1.5\n\
+             cube.keyframe_insert('location', frame=6)",
+        )?;
+        let out = a.data_dir().with_file_name("anim-out");
+        let lines = render_wait(
+            a,
+            &[
+                scene.to_str().context("UTF-8")?,
+                "--split",
+                "frames",
+                "--out",
+                out.to_str().context("UTF-8")?,
+            ],
+        )?;
+        let last = lines.last().context("no output")?;
+        assert_eq!(last["state"], "done", "{last}");
+        assert_eq!(last["error"], Value::Null);
+        let job = last["job"].as_str().context("job")?.to_owned();
+        let outputs: Vec<String> = last["outputs"]
+            .as_array()
+            .context("outputs")?
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        let expected: Vec<String> = (1..=6)
+            .map(|f| out.join(format!("shot_{f:04}.png")).display().to_string())
+            .collect();
+        assert_eq!(outputs, expected);
+        // Progress lines came before the outcome.
+        assert!(
+            lines[..lines.len() - 1]
+                .iter()
+                .all(|l| l["state"] == "active")
+        );
+        assert!(renderers(a, &job)?.len() >= 2, "rendered on one peer only");
+
+        let local_dir = project.join("local");
+        fs::create_dir_all(&local_dir)?;
+        let local = local_render(&scene, &local_dir, "1..6")?;
+        assert_eq!(local.len(), 6);
+        for (mesh_frame, local_frame) in outputs.iter().zip(&local) {
+            assert_eq!(
+                pixel_difference(Path::new(mesh_frame), local_frame),
+                (0.0, 0),
+                "{mesh_frame}"
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn a_scene_with_textures_in_subfolders_and_a_sibling_library_renders_as_locally() {
+    e2e(|| {
+        let nodes = three_peers()?;
+        let a = &nodes[0];
+        let project = a.data_dir().with_file_name("project");
+        // A library in a sibling folder, holding an object with a textured material.
+        let library = project.join("assets").join("props.blend");
+        fs::create_dir_all(project.join("assets/tex"))?;
+        fs::create_dir_all(project.join("shots/textures"))?;
+        make_scene(
+            &library,
+            &format!(
+                "img = bpy.data.images.new('metal', 8, 8)\n\
+                 img.pixels = [0.9, 0.2, 0.1, 1.0] * 64\n\
+                 img.filepath_raw = {metal:?}\n\
+                 img.file_format = 'PNG'\n\
+                 img.save()\n\
+                 mat = bpy.data.materials.new('Metal')\n\
+                 mat.use_nodes = True\n\
+                 node = mat.node_tree.nodes.new('ShaderNodeTexImage')\n\
+                 node.image = img\n\
+                 bsdf = mat.node_tree.nodes['Principled BSDF']\n\
+                 mat.node_tree.links.new(node.outputs['Color'], bsdf.inputs['Base Color'])\n\
+                 bpy.data.objects['Cube'].data.materials.append(mat)\n\
+                 bpy.data.objects['Cube'].name = 'Prop'\n\
+                 bpy.ops.file.make_paths_relative()",
+                metal = project
+                    .join("assets/tex/metal.png")
+                    .to_str()
+                    .context("UTF-8")?,
+            ),
+        )?;
+        // The shot: its own texture in a subfolder, and the library's object linked in.
+        let scene = project.join("shots").join("shot.blend");
+        make_scene(
+            &scene,
+            &format!(
+                "img = bpy.data.images.new('wood', 8, 8)\n\
+                 img.pixels = [0.2, 0.6, 0.1, 1.0] * 64\n\
+                 img.filepath_raw = {wood:?}\n\
+                 img.file_format = 'PNG'\n\
+                 img.save()\n\
+                 world = scene.world\n\
+                 world.use_nodes = True\n\
+                 env = world.node_tree.nodes.new('ShaderNodeTexEnvironment')\n\
+                 env.image = img\n\
+                 world.node_tree.links.new(env.outputs['Color'], world.node_tree.nodes['Background'].inputs['Color'])\n\
+                 bpy.data.objects.remove(bpy.data.objects['Cube'])\n\
+                 with bpy.data.libraries.load({lib:?}, link=True) as (src, dst):\n\
+                 \x20   dst.objects = ['Prop']\n\
+                 for obj in dst.objects:\n\
+                 \x20   scene.collection.objects.link(obj)\n\
+                 bpy.ops.file.make_paths_relative()",
+                wood = project
+                    .join("shots/textures/wood.png")
+                    .to_str()
+                    .context("UTF-8")?,
+                lib = library.to_str().context("UTF-8")?,
+            ),
+        )?;
+        let out = a.data_dir().with_file_name("project-out");
+        let lines = render_wait(
+            a,
+            &[
+                scene.to_str().context("UTF-8")?,
+                "--frames",
+                "1",
+                "--samples",
+                "16",
+                "--out",
+                out.to_str().context("UTF-8")?,
+            ],
+        )?;
+        let last = lines.last().context("no output")?;
+        assert_eq!(last["state"], "done", "{last}");
+        let frame = out.join("shot_0001.png");
+        assert_eq!(last["outputs"], serde_json::json!([frame.to_str()]));
+        let local_dir = project.join("local");
+        fs::create_dir_all(&local_dir)?;
+        let local = local_render(&scene, &local_dir, "1")?;
+        let (worst, differing) = pixel_difference(&frame, &local[0]);
+        // Sliced: equal up to float summation order (see render.rs).
+        assert!(worst <= 1.0 + 1e-6, "{worst}/255");
+        assert!(differing <= 64 * 48 * 4 / 1000, "{differing} values differ");
+        // The textures really were used: without them the frame is not this one.
+        let bare_dir = project.join("bare");
+        fs::create_dir_all(&bare_dir)?;
+        fs::rename(
+            project.join("shots/textures"),
+            project.join("shots/textures-away"),
+        )?;
+        fs::rename(project.join("assets/tex"), project.join("assets/tex-away"))?;
+        let bare = local_render(&scene, &bare_dir, "1")?;
+        assert_ne!(pixel_difference(&frame, &bare[0]).1, 0);
+
+        // With a texture missing, nothing is submitted and the path is named.
+        let before = a.cli_json(&["jobs", "--json"])?;
+        let err = a.cli_err(&["render", scene.to_str().context("UTF-8")?, "--wait"])?;
+        let missing = project.join("shots/textures/wood.png");
+        assert!(
+            err.contains("missing") && err.contains(missing.to_str().context("UTF-8")?),
+            "{err}"
+        );
+        assert_eq!(
+            a.cli_json(&["jobs", "--json"])?,
+            before,
+            "a job was submitted"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_submitter_killed_right_after_submitting_gets_its_frames_when_it_restarts() {
+    e2e(|| {
+        let mut nodes = three_peers()?;
+        let project = nodes[0].data_dir().with_file_name("killed");
+        let scene = project.join("shot.blend");
+        // Long enough (a few seconds of slices) that the submitter dies mid-job; at most 256
+        // samples, where 3.4's default sampling pattern slices exactly.
+        make_scene(
+            &scene,
+            "scene.cycles.samples = 256\n\
+             scene.render.resolution_x = 160\n\
+             scene.render.resolution_y = 120",
+        )?;
+        let out = nodes[0].data_dir().with_file_name("killed-out");
+        let job = nodes[0]
+            .cli_ok_within(
+                &[
+                    "render",
+                    scene.to_str().context("UTF-8")?,
+                    "--frames",
+                    "1",
+                    "--split",
+                    "samples",
+                    "--out",
+                    out.to_str().context("UTF-8")?,
+                ],
+                JOB_WITHIN,
+            )?
+            .trim()
+            .to_owned();
+        // Once another peer holds the scene (it renders a slice), the submitter dies.
+        eventually(JOB_WITHIN, Duration::from_millis(100), || {
+            let peers = nodes[0].cli_json(&["peers", "--json"])?;
+            let busy = peers.as_array().into_iter().flatten().any(|p| {
+                p["is_self"] == false && p["rendering"]["job"].as_str() == Some(job.as_str())
+            });
+            ensure!(busy, "no other peer renders yet");
+            Ok(())
+        })?;
+        nodes[0].kill()?;
+        // The job belongs to the mesh: the others finish it.
+        eventually(JOB_WITHIN, Duration::from_millis(500), || {
+            let view = nodes[1].cli_json(&["status", &job, "--json"])?;
+            ensure!(view["summary"]["status"] == "Done", "{}", view["summary"]);
+            Ok(())
+        })?;
+        // The submitter comes back and delivers the frame it was asked for.
+        nodes[0].start_again()?;
+        let frame = out.join("shot_0001.png");
+        eventually(JOB_WITHIN, Duration::from_millis(500), || {
+            ensure!(frame.exists(), "{} not there yet", frame.display());
+            Ok(())
+        })?;
+        let local_dir = project.join("local");
+        fs::create_dir_all(&local_dir)?;
+        let local = local_render(&scene, &local_dir, "1")?;
+        let (worst, _) = pixel_difference(&frame, &local[0]);
+        assert!(worst <= 1.0 + 1e-6, "{worst}/255");
+
+        // Any peer can fetch the frames of a job submitted elsewhere.
+        let fetched = nodes[2].data_dir().with_file_name("fetched");
+        let view = nodes[2].cli_json(&[
+            "fetch",
+            &job,
+            "--out",
+            fetched.to_str().context("UTF-8")?,
+            "--json",
+        ])?;
+        assert_eq!(view["complete"], true);
+        let copy = fetched.join("shot_0001.png");
+        assert_eq!(view["files"], serde_json::json!([copy.to_str()]));
+        // The same pixels. Not always the same bytes: if the submitter died between merging
+        // and announcing it, the frame was merged again elsewhere, and Blender stamps the
+        // merger's scene path in the PNG.
+        assert_eq!(pixel_difference(&copy, &frame), (0.0, 0));
+        Ok(())
+    });
+}
