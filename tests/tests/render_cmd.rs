@@ -357,3 +357,52 @@ fn a_submitter_killed_right_after_submitting_gets_its_frames_when_it_restarts() 
         Ok(())
     });
 }
+
+#[test]
+fn the_demo_renders_a_frame_across_two_throwaway_nodes_like_a_local_render() {
+    e2e(|| {
+        let node = Node::new("demo")?;
+        let blender = blender();
+        let out = node.cli_ok_within(
+            &[
+                "demo",
+                "--blender",
+                blender.to_str().context("UTF-8")?,
+                "--samples",
+                "64",
+            ],
+            JOB_WITHIN,
+        )?;
+        let value = |prefix: &str| -> Result<String> {
+            out.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .map(|v| v.trim().to_owned())
+                .with_context(|| format!("no line {prefix:?} in:\n{out}"))
+        };
+        let frame = PathBuf::from(value("rendered across 2 nodes:")?);
+        let local = PathBuf::from(value("rendered locally:")?);
+        assert!(frame.exists() && local.exists(), "{out}");
+        // 64 samples: 3.4's default pattern slices exactly, so at most a rounding step.
+        let (worst, _) = pixel_difference(&frame, &local);
+        assert!(worst <= 1.0 + 1e-6, "{worst}/255");
+        assert!(value("difference: at most")?.starts_with(&format!("{}/255", worst.round())));
+        // The demo's nodes are gone; its folder stays for the user.
+        let folder = frame
+            .ancestors()
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("blendnet-demo-"))
+            })
+            .context("the frame is not in the demo folder")?
+            .to_path_buf();
+        for node in ["node-a", "node-b"] {
+            let addr = folder.join(node).join("api.addr");
+            eventually(Duration::from_secs(10), Duration::from_millis(200), || {
+                ensure!(!addr.exists(), "{} still runs", node);
+                Ok(())
+            })?;
+        }
+        fs::remove_dir_all(&folder)?;
+        Ok(())
+    });
+}

@@ -27,11 +27,23 @@ pub struct DemoArgs {
     pub samples: u32,
 }
 
-/// A daemon the demo started; killed when dropped.
+/// A daemon the demo started; stopped when dropped (SIGTERM, so it shuts down cleanly; killed
+/// if it has not within a few seconds).
 struct Daemon(Child);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -216,6 +228,8 @@ fn make_scene(blender: &Path, path: &Path, samples: u32) -> anyhow::Result<()> {
          scene.render.resolution_percentage = 100\n\
          scene.render.image_settings.file_format = 'PNG'\n\
          scene.render.filepath = '//render/demo_'\n\
+         scene.frame_start = 1\n\
+         scene.frame_end = 1\n\
          bpy.ops.mesh.primitive_plane_add(size=20, location=(0, 0, -1))\n\
          mat = bpy.data.materials.new('Demo')\n\
          mat.use_nodes = True\n\
