@@ -1109,7 +1109,12 @@ pub const BLENDER_RUN_TIMEOUT: Duration = Duration::from_secs(300);
 /// Runs Blender headless with factory settings on the Python `expr`, optionally with a scene
 /// loaded first; a Python error fails the run (with Blender's stderr in the error).
 pub fn blender_python(scene: Option<&Path>, expr: &str) -> Result<Output> {
-    let mut cmd = Command::new(blender());
+    blender_python_with(&blender(), scene, expr)
+}
+
+/// [`blender_python`] with another Blender (the `bpy` wheel's, say).
+pub fn blender_python_with(blender: &Path, scene: Option<&Path>, expr: &str) -> Result<Output> {
+    let mut cmd = Command::new(blender);
     cmd.args(["-b", "--factory-startup"]);
     if let Some(scene) = scene {
         cmd.arg(scene);

@@ -309,15 +309,8 @@ fn a_submitter_killed_right_after_submitting_gets_its_frames_when_it_restarts() 
             )?
             .trim()
             .to_owned();
-        // Once another peer holds the scene (it renders a slice), the submitter dies.
-        eventually(JOB_WITHIN, Duration::from_millis(100), || {
-            let peers = nodes[0].cli_json(&["peers", "--json"])?;
-            let busy = peers.as_array().into_iter().flatten().any(|p| {
-                p["is_self"] == false && p["rendering"]["job"].as_str() == Some(job.as_str())
-            });
-            ensure!(busy, "no other peer renders yet");
-            Ok(())
-        })?;
+        // Right after submitting, the submitter (the job's coordinator too) dies. Submitting
+        // answered once a second peer held the scene.
         nodes[0].kill()?;
         // The job belongs to the mesh: the others finish it.
         eventually(JOB_WITHIN, Duration::from_millis(500), || {

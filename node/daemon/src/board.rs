@@ -125,6 +125,12 @@ pub enum BoardMessage {
         hash: BlobHash,
         result: Result<Vec<PathBuf>, String>,
     },
+    /// Have one live member fetch `hash` (a scene) from this node; reply with who holds it
+    /// now, or `None` when no member could.
+    Replicate {
+        hash: BlobHash,
+        reply: oneshot::Sender<Option<PeerId>>,
+    },
     /// What was delivered of a job.
     Outputs {
         job: JobId,
@@ -278,6 +284,18 @@ impl Board {
             reply,
         })
         .await
+    }
+
+    /// Has one live member fetch `hash` from this node, and waits until it holds it (as long as
+    /// the transfer takes): a scene on two peers survives its submitter. `None` when no member
+    /// is online or none could.
+    pub async fn replicate(&self, hash: BlobHash) -> Result<Option<PeerId>, BoardError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(BoardMessage::Replicate { hash, reply })
+            .await
+            .map_err(|_| BoardError::Stopped)?;
+        rx.await.map_err(|_| BoardError::Stopped)
     }
 
     /// What this node delivered of `job` (for jobs submitted here with an output directory).
@@ -581,6 +599,20 @@ impl BoardActor {
             BoardMessage::Outputs { job, reply } => {
                 let _ = reply.send(self.deliveries.view(&job));
             }
+            BoardMessage::Replicate { hash, reply } => {
+                // Any live member will do; asking them in turn until one holds it.
+                let candidates = self.live.clone();
+                let streams = self.net_streams.clone();
+                tokio::spawn(async move {
+                    for to in candidates {
+                        if replicate(&streams, to, hash).await {
+                            let _ = reply.send(Some(to));
+                            return;
+                        }
+                    }
+                    let _ = reply.send(None);
+                });
+            }
         }
     }
 
@@ -699,27 +731,8 @@ impl BoardActor {
                     let streams = self.net_streams.clone();
                     let tx = self.tx.clone();
                     tokio::spawn(async move {
-                        let request = BoardRequest::Replicate { hash };
-                        let asked = tokio::time::timeout(
-                            REPLICATE_TIMEOUT,
-                            request_once::<_, BoardResponse>(
-                                &streams,
-                                to,
-                                BOARD_PROTOCOL,
-                                &request,
-                                MAX_BOARD_REQUEST_BYTES,
-                                MAX_BOARD_RESPONSE_BYTES,
-                            ),
-                        )
-                        .await;
-                        match asked {
-                            Ok(Ok(BoardResponse::Replicated)) => {
-                                let _ =
-                                    tx.send(BoardMessage::ResultHeld { hash, holder: to }).await;
-                            }
-                            other => {
-                                tracing::info!(%hash, peer = %to, ?other, "replication failed")
-                            }
+                        if replicate(&streams, to, hash).await {
+                            let _ = tx.send(BoardMessage::ResultHeld { hash, holder: to }).await;
                         }
                     });
                 }
@@ -1070,4 +1083,28 @@ fn load_events(database: &redb::Database) -> Result<Vec<SignedEvent>, redb::Erro
         }
     }
     Ok(events)
+}
+
+/// Asks `to` to fetch `hash` from this node; whether it holds it now.
+async fn replicate(streams: &Streams, to: PeerId, hash: BlobHash) -> bool {
+    let request = BoardRequest::Replicate { hash };
+    let asked = tokio::time::timeout(
+        REPLICATE_TIMEOUT,
+        request_once::<_, BoardResponse>(
+            streams,
+            to,
+            BOARD_PROTOCOL,
+            &request,
+            MAX_BOARD_REQUEST_BYTES,
+            MAX_BOARD_RESPONSE_BYTES,
+        ),
+    )
+    .await;
+    match asked {
+        Ok(Ok(BoardResponse::Replicated)) => true,
+        other => {
+            tracing::info!(%hash, peer = %to, ?other, "replication failed");
+            false
+        }
+    }
 }

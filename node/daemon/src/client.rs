@@ -182,15 +182,7 @@ impl Client {
 
     /// `POST /v1/store/get`: waits as long as the transfer takes (up to [`LONG_REQUEST_TIMEOUT`]).
     pub fn store_get(&self, req: &StoreGetRequest) -> Result<StoreGetView, ClientError> {
-        let response = self
-            .agent
-            .post(self.url("/v1/store/get"))
-            .config()
-            .timeout_global(Some(LONG_REQUEST_TIMEOUT))
-            .build()
-            .header("Authorization", &self.authorization)
-            .send_json(req);
-        self.finish(response)
+        self.post_long("/v1/store/get", req)
     }
 
     /// `GET /v1/store`: a JSON array.
@@ -226,20 +218,13 @@ impl Client {
     /// `POST /v1/jobs/{id}/fetch`: waits as long as the transfers take (up to
     /// [`LONG_REQUEST_TIMEOUT`]).
     pub fn job_fetch(&self, id: &str, req: &FetchRequest) -> Result<FetchView, ClientError> {
-        let response = self
-            .agent
-            .post(self.url(&format!("/v1/jobs/{id}/fetch")))
-            .config()
-            .timeout_global(Some(LONG_REQUEST_TIMEOUT))
-            .build()
-            .header("Authorization", &self.authorization)
-            .send_json(req);
-        self.finish(response)
+        self.post_long(&format!("/v1/jobs/{id}/fetch"), req)
     }
 
     /// `POST /v1/jobs`.
     pub fn submit(&self, req: &SubmitRequest) -> Result<JobRef, ClientError> {
-        self.post("/v1/jobs", req)
+        // Answers once a second peer holds the scene: as long as its transfer takes.
+        self.post_long("/v1/jobs", req)
     }
 
     /// `DELETE /v1/jobs/{id}`.
@@ -273,6 +258,23 @@ impl Client {
         let response = self
             .agent
             .post(self.url(path))
+            .header("Authorization", &self.authorization)
+            .send_json(body);
+        self.finish(response)
+    }
+
+    /// A POST that may take as long as a transfer (up to [`LONG_REQUEST_TIMEOUT`]).
+    fn post_long<T: DeserializeOwned, B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let response = self
+            .agent
+            .post(self.url(path))
+            .config()
+            .timeout_global(Some(LONG_REQUEST_TIMEOUT))
+            .build()
             .header("Authorization", &self.authorization)
             .send_json(body);
         self.finish(response)

@@ -817,6 +817,20 @@ impl Backend for NodeBackend {
             )));
         }
         let spec = job_spec(req)?;
+        // The job belongs to the mesh: before it exists, a second peer holds its scene, so a
+        // submitter that dies at once does not take the scene with it.
+        match self
+            .board
+            .replicate(spec.scene)
+            .await
+            .map_err(board_error)?
+        {
+            Some(peer) => tracing::info!(scene = %spec.scene, %peer, "scene replicated"),
+            None => tracing::warn!(
+                scene = %spec.scene,
+                "no other peer holds the scene: the job waits for this node if it stops"
+            ),
+        }
         match self.board.submit(spec, out).await.map_err(board_error)? {
             Ok(job) => Ok(JobRef {
                 job: job.to_string(),

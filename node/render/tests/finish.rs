@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blendnet_render::{FinishError, RenderTask, SliceMode, Worker, finish};
-use blendnet_tests::{blender, blender_scene, bpy_blender, cycles_merge, pixel_difference};
+use blendnet_tests::{
+    blender, blender_python_with, blender_scene, bpy_blender, cycles_merge, pixel_difference,
+};
 
 /// Renders frame 1 of `scene` the way an artist does (`blender -b scene -f 1`), into `dir`.
 fn local_render(scene: &Path, dir: &Path) -> PathBuf {
@@ -161,17 +163,8 @@ async fn a_denoised_sliced_frame_is_within_one_step_of_a_denoised_local_render()
          bpy.ops.render.render(write_still=True)",
         local.to_str().unwrap()
     );
-    let out = Command::new(&bpy)
-        .args(["-b", "--factory-startup"])
-        .arg(&scene)
-        .args(["--python-exit-code", "1", "--python-expr", &expr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && local.exists(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    blender_python_with(&bpy, Some(&scene), &expr).unwrap();
+    assert!(local.exists(), "Blender wrote no {}", local.display());
 
     // Slices (denoising off, its passes kept), merged by our merge, finished with denoising.
     let mut worker = Worker::start(&bpy, &scene, dir.path()).await.unwrap();

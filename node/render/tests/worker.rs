@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use blendnet_render::{
     ErrorKind, Progress, RenderError, RenderTask, SliceMode, StartError, Worker,
 };
-use blendnet_tests::{blender, blender_scene, bpy_blender, cycles_merge};
+use blendnet_tests::{blender, blender_python_with, blender_scene, bpy_blender, cycles_merge};
 
 /// A scene made by Blender (see [`blender_scene`]).
 fn scene(dir: &Path, name: &str, extra: &str) -> PathBuf {
@@ -643,17 +643,8 @@ async fn a_blender_with_a_denoiser_renders_denoised_whole_frames() {
             if denoise { "True" } else { "False" },
             path.to_str().unwrap()
         );
-        let out = Command::new(&bpy)
-            .args(["-b", "--factory-startup"])
-            .arg(&scene)
-            .args(["--python-exit-code", "1", "--python-expr", &expr])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success() && path.exists(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        blender_python_with(&bpy, Some(&scene), &expr).unwrap();
+        assert!(path.exists(), "Blender wrote no {}", path.display());
         path
     };
     let (denoised, noisy) = (local("denoised.png", true), local("noisy.png", false));
