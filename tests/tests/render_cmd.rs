@@ -399,3 +399,80 @@ fn the_demo_renders_a_frame_across_two_throwaway_nodes_like_a_local_render() {
         Ok(())
     });
 }
+
+/// The pids of Blender processes working on `job` for `node` (their command line names the
+/// node's workspace for the job).
+fn blenders_of(node: &Node, job: &str) -> Result<Vec<u32>> {
+    let pattern = node.data_dir().join("work").join(job);
+    let out = Command::new("pgrep")
+        .args(["-f", pattern.to_str().context("UTF-8")?])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|pid: &u32| {
+            // A zombie about to be reaped is gone.
+            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+        })
+        .collect())
+}
+
+#[test]
+fn cancelling_stops_every_blender_of_the_job_on_every_peer_within_seconds() {
+    e2e(|| {
+        let nodes = three_peers()?;
+        let a = &nodes[0];
+        let project = a.data_dir().with_file_name("endless");
+        let scene = project.join("shot.blend");
+        make_scene(&scene, "")?;
+        // Far too many samples to finish: three frames, one on each peer, must be stopped.
+        let job = a
+            .cli_ok_within(
+                &[
+                    "render",
+                    scene.to_str().context("UTF-8")?,
+                    "--frames",
+                    "1-3",
+                    "--samples",
+                    "1000000",
+                    "--split",
+                    "frames",
+                ],
+                JOB_WITHIN,
+            )?
+            .trim()
+            .to_owned();
+        eventually(JOB_WITHIN, Duration::from_millis(200), || {
+            for node in &nodes {
+                ensure!(
+                    !blenders_of(node, &job)?.is_empty(),
+                    "no Blender renders on {} yet",
+                    node.name()
+                );
+            }
+            Ok(())
+        })?;
+        let cancelled = std::time::Instant::now();
+        a.cli_ok(&["cancel", &job])?;
+        eventually(Duration::from_secs(5), Duration::from_millis(50), || {
+            for node in &nodes {
+                let left = blenders_of(node, &job)?;
+                ensure!(
+                    left.is_empty(),
+                    "Blender {left:?} still runs on {}",
+                    node.name()
+                );
+            }
+            Ok(())
+        })?;
+        eprintln!(
+            "every Blender stopped {:?} after the cancel",
+            cancelled.elapsed()
+        );
+        for node in &nodes {
+            let view = node.cli_json(&["status", &job, "--json"])?;
+            assert_eq!(view["summary"]["status"], "Cancelled", "{}", node.name());
+        }
+        Ok(())
+    });
+}
