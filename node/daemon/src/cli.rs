@@ -273,6 +273,9 @@ pub struct UpArgs {
     /// The Blender executable (else BLENDNET_BLENDER, else `blender` on PATH).
     #[arg(long, value_name = "PATH")]
     pub blender: Option<PathBuf>,
+    /// How many threads Blender renders with (default: every core).
+    #[arg(long, value_name = "N")]
+    pub render_threads: Option<u32>,
 }
 
 /// Parses a TTL such as `30s`, `10m`, `1h` or `2d` into seconds.
@@ -349,6 +352,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 no_mdns: args.no_mdns,
                 psk_file: args.psk_file,
                 blender: args.blender,
+                render_threads: args.render_threads,
             };
             let config = Config::load(&data_dir, &overrides)?;
             if args.init && crate::node::may_init(&data_dir)? {

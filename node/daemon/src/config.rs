@@ -15,6 +15,7 @@
 //! mdns = true
 //! # psk_file = "swarm.key"          # relative to the data directory
 //! # blender = "/opt/blender/blender"
+//! # render_threads = 4             # Blender's render threads (default: every core)
 //! log_level = "info"
 //! max_log_files = 7
 //!
@@ -43,7 +44,7 @@ pub const DEFAULT_PORT: u16 = 7741;
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// Every key the file may contain, in the order the documentation lists them.
-pub const KEYS: [&str; 10] = [
+pub const KEYS: [&str; 11] = [
     "listen",
     "bootstrap",
     "api",
@@ -51,6 +52,7 @@ pub const KEYS: [&str; 10] = [
     "mdns",
     "psk_file",
     "blender",
+    "render_threads",
     "log_level",
     "max_log_files",
     "store",
@@ -86,6 +88,9 @@ pub struct Config {
     /// `blender`: the Blender executable. Without it, `BLENDNET_BLENDER`, then `blender` on
     /// `PATH`. Default none. Flag: `--blender PATH`.
     pub blender: Option<PathBuf>,
+    /// `render_threads`: how many threads Blender renders with on this node (Blender's `-t`):
+    /// fewer leave cores to other work. Default none (every core). Flag: `--render-threads N`.
+    pub render_threads: Option<u32>,
     /// `log_level`: a tracing `EnvFilter` directive such as `"info"` or
     /// `"info,blendnet_net=debug"`. The `RUST_LOG` environment variable, when set, wins.
     /// Default `"info"`.
@@ -118,6 +123,7 @@ impl Default for Config {
             mdns: true,
             psk_file: None,
             blender: None,
+            render_threads: None,
             log_level: "info".to_owned(),
             max_log_files: 7,
             store_quota: None,
@@ -145,6 +151,8 @@ pub struct Overrides {
     pub psk_file: Option<PathBuf>,
     /// `--blender PATH`.
     pub blender: Option<PathBuf>,
+    /// `--render-threads N`.
+    pub render_threads: Option<u32>,
 }
 
 /// Where a configuration value came from, for error messages.
@@ -260,6 +268,7 @@ impl Config {
                     config.psk_file = Some(base.join(psk));
                 }
                 "blender" => config.blender = Some(field.parse(value)?),
+                "render_threads" => config.render_threads = Some(field.parse(value)?),
                 "log_level" => config.log_level = field.parse(value)?,
                 "max_log_files" => config.max_log_files = field.parse(value)?,
                 "store" => {
@@ -323,6 +332,10 @@ impl Config {
             self.blender = Some(blender.clone());
             self.from_flags.insert("blender");
         }
+        if let Some(threads) = overrides.render_threads {
+            self.render_threads = Some(threads);
+            self.from_flags.insert("render_threads");
+        }
     }
 
     /// The configuration file these values were read from (or would be, if it is missing).
@@ -373,6 +386,12 @@ impl Config {
         if self.max_log_files == 0 {
             return Err(self.invalid("max_log_files", "must be at least 1".to_owned()));
         }
+        if self.render_threads == Some(0) {
+            return Err(self.invalid(
+                "render_threads",
+                "must be at least 1 (leave it out for every core)".to_owned(),
+            ));
+        }
         if let Some(psk) = &self.psk_file {
             match std::fs::metadata(psk) {
                 Ok(meta) if meta.is_file() => {}
@@ -410,6 +429,7 @@ fn flag_name(key: &str) -> &'static str {
         "mdns" => "--no-mdns",
         "psk_file" => "--psk-file",
         "blender" => "--blender",
+        "render_threads" => "--render-threads",
         _ => "the command line",
     }
 }
@@ -691,6 +711,7 @@ mod tests {
             bootstrap = ["/ip4/10.0.0.2/tcp/7741"]
             api = "127.0.0.1:8123"
             blender = "/from/file"
+            render_threads = 3
             "#,
         ));
         let overrides = Overrides {
@@ -701,8 +722,10 @@ mod tests {
             no_mdns: true,
             psk_file: None,
             blender: Some("/from/flag".into()),
+            render_threads: None,
         };
         let config = Config::load(&dir, &overrides).unwrap();
+        assert_eq!(config.render_threads, Some(3));
         // Replaced, not appended to.
         assert_eq!(config.listen, ["/ip4/127.0.0.1/tcp/9100"]);
         // Not given on the command line: the file's value stays.
@@ -725,6 +748,15 @@ mod tests {
         let msg = Config::load(&dir, &overrides).unwrap_err().to_string();
         assert!(
             msg.starts_with("invalid value for `listen[0]` from --listen"),
+            "{msg}"
+        );
+        let overrides = Overrides {
+            render_threads: Some(0),
+            ..Overrides::default()
+        };
+        let msg = Config::load(&dir, &overrides).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("invalid value for `render_threads` from --render-threads"),
             "{msg}"
         );
     }

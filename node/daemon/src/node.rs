@@ -335,6 +335,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         blobs.clone(),
         reports_tx,
         rendering_tx,
+        config.render_threads,
     );
     // What this node renders goes out with its status, at most once per ACTIVITY_EVERY.
     {

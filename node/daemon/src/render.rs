@@ -86,6 +86,7 @@ impl Render {
         blobs: Blobs,
         reports: mpsc::Sender<RenderReport>,
         activity: watch::Sender<Option<Activity>>,
+        threads: Option<u32>,
     ) -> Render {
         let (tx, inbox) = mpsc::channel(INBOX);
         let actor = RenderActor {
@@ -95,6 +96,7 @@ impl Render {
             activity,
             inbox,
             blender: None,
+            threads,
             worker: None,
             next_id: 1,
         };
@@ -122,6 +124,8 @@ struct RenderActor {
     activity: watch::Sender<Option<Activity>>,
     inbox: mpsc::Receiver<RenderMessage>,
     blender: Option<PathBuf>,
+    /// Blender's render threads (`None`: every core).
+    threads: Option<u32>,
     worker: Option<JobWorker>,
     next_id: u64,
 }
@@ -133,6 +137,7 @@ struct TaskContext {
     activity: watch::Sender<Option<Activity>>,
     work_dir: PathBuf,
     blender: Option<PathBuf>,
+    threads: Option<u32>,
     id: u64,
 }
 
@@ -160,6 +165,7 @@ impl RenderActor {
                 activity: self.activity.clone(),
                 work_dir: self.work_dir.clone(),
                 blender: self.blender.clone(),
+                threads: self.threads,
                 id: self.next_id,
             };
             self.next_id += 1;
@@ -241,7 +247,7 @@ async fn run_task(
                 old.worker.quit().await;
             }
             let started = Instant::now();
-            match start_worker(&context.blobs, &blender, &job_dir, &spec).await {
+            match start_worker(&context.blobs, &blender, &job_dir, &spec, context.threads).await {
                 Ok(worker) => (
                     JobWorker { job, worker },
                     started.elapsed().as_millis() as u64,
@@ -493,9 +499,10 @@ async fn start_worker(
     blender: &Path,
     job_dir: &Path,
     spec: &JobSpec,
+    threads: Option<u32>,
 ) -> Result<Worker, String> {
     let scene = fetch_scene(blobs, job_dir, spec).await?;
-    let worker = Worker::start(blender, &scene, job_dir)
+    let worker = Worker::start_with_threads(blender, &scene, job_dir, threads)
         .await
         .map_err(|e| e.to_string())?;
     let found = worker.ready().blender.clone();

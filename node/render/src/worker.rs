@@ -168,6 +168,17 @@ impl Worker {
     /// Starts `blender` on `scene` in `dir` (an existing directory; the script is written
     /// there) and waits until the scene is loaded. Cancel-safe: a dropped start kills Blender.
     pub async fn start(blender: &Path, scene: &Path, dir: &Path) -> Result<Worker, StartError> {
+        Worker::start_with_threads(blender, scene, dir, None).await
+    }
+
+    /// [`Worker::start`], rendering with `threads` threads (Blender's `-t`; `None`: every
+    /// core).
+    pub async fn start_with_threads(
+        blender: &Path,
+        scene: &Path,
+        dir: &Path,
+        threads: Option<u32>,
+    ) -> Result<Worker, StartError> {
         let script = dir.join(SCRIPT_NAME);
         tokio::fs::write(&script, crate::WORKER_PY)
             .await
@@ -175,11 +186,16 @@ impl Worker {
                 path: script.clone(),
                 source,
             })?;
-        let mut child = Command::new(blender)
+        let mut command = Command::new(blender);
+        command
             .arg("--factory-startup")
             .arg("-b")
             .arg("-Y")
-            .arg(scene)
+            .arg(scene);
+        if let Some(threads) = threads {
+            command.arg("-t").arg(threads.to_string());
+        }
+        let mut child = command
             .arg("-P")
             .arg(&script)
             .current_dir(dir)
