@@ -109,8 +109,12 @@ fn an_animation_split_by_frames_across_three_peers_is_every_frame_of_a_local_ren
         let scene = project.join("shot.blend");
         make_scene(
             &scene,
+            // A second or so a frame: every peer asks for work before the frames run out.
             "scene.frame_start = 1\n\
              scene.frame_end = 6\n\
+             scene.cycles.samples = 128\n\
+             scene.render.resolution_x = 128\n\
+             scene.render.resolution_y = 96\n\
              cube = bpy.data.objects['Cube']\n\
              cube.location.x = -1.5\n\
              cube.keyframe_insert('location', frame=1)\n\

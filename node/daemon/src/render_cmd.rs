@@ -242,6 +242,23 @@ fn wait(client: &Client, job: &str, json: bool) -> anyhow::Result<()> {
             && delivery["files"]
                 .as_array()
                 .is_some_and(|f| !f.is_empty() || outputs == 0);
+        if state == "done"
+            && let Some(error) = delivery["error"].as_str()
+        {
+            // The daemon keeps trying; this command says why the frames are not there.
+            let error = format!(
+                "job {job} is done, but its frames could not be written to {}: {error} \
+                 (the daemon tries again; `blendnet fetch {job}` copies them elsewhere)",
+                delivery["dir"].as_str().unwrap_or("the output folder")
+            );
+            if json {
+                println!(
+                    "{}",
+                    json!({"job": job, "state": "done", "outputs": delivery["files"], "error": error})
+                );
+            }
+            bail!(error);
+        }
         let ended = match state.as_str() {
             "done" => delivered,
             "failed" | "cancelled" => true,
