@@ -16,6 +16,9 @@
 //! daemon restarts ([`Board::restore`](blendnet_core::board::Board::restore)) where it was.
 //! Anti-entropy: every [`SYNC_EVERY`] the actor compares job digests with one random live
 //! member and pulls the events of jobs that differ.
+//!
+//! The actor also delivers: after every change to a job submitted here with an output folder,
+//! its finished outputs go to [`Deliveries`] (see `deliver.rs`), which copies them there.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
