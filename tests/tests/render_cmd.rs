@@ -2,6 +2,7 @@
 //! files are collected by Blender, uploaded with their layout, rendered across the mesh, and the
 //! finished frames land where asked, equal to what `blender -b` writes locally.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -476,6 +477,132 @@ fn cancelling_stops_every_blender_of_the_job_on_every_peer_within_seconds() {
         for node in &nodes {
             let view = node.cli_json(&["status", &job, "--json"])?;
             assert_eq!(view["summary"]["status"], "Cancelled", "{}", node.name());
+        }
+        Ok(())
+    });
+}
+
+/// An EXR's text attributes, and its channels' values, by name.
+type Exr = (BTreeMap<String, String>, BTreeMap<String, Vec<f32>>);
+
+/// A multilayer EXR's text attributes and its channels, by name.
+fn read_exr(path: &Path) -> Result<Exr> {
+    let image = exr::prelude::read_all_flat_layers_from_file(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut text = BTreeMap::new();
+    let mut channels = BTreeMap::new();
+    for layer in &image.layer_data {
+        for (name, value) in image.attributes.other.iter().chain(&layer.attributes.other) {
+            if let exr::meta::attribute::AttributeValue::Text(t) = value {
+                text.insert(name.to_string(), t.to_string());
+            }
+        }
+        let prefix = layer
+            .attributes
+            .layer_name
+            .as_ref()
+            .map(|n| format!("{n}."))
+            .unwrap_or_default();
+        for channel in &layer.channel_data.list {
+            channels.insert(
+                format!("{prefix}{}", channel.name),
+                channel.sample_data.values_as_f32().collect(),
+            );
+        }
+    }
+    Ok((text, channels))
+}
+
+#[test]
+fn a_worker_killed_mid_slice_loses_nothing_and_the_exr_equals_a_local_render() {
+    e2e(|| {
+        let mut nodes = three_peers()?;
+        let project = nodes[0].data_dir().with_file_name("exr");
+        let scene = project.join("shot.blend");
+        // 256 samples: 3.4's default sampling pattern slices exactly there.
+        make_scene(
+            &scene,
+            "scene.cycles.samples = 256\n\
+             scene.render.resolution_x = 160\n\
+             scene.render.resolution_y = 120\n\
+             scene.render.image_settings.file_format = 'OPEN_EXR_MULTILAYER'\n\
+             scene.render.image_settings.color_depth = '32'\n\
+             scene.render.image_settings.exr_codec = 'ZIP'",
+        )?;
+        let out = nodes[0].data_dir().with_file_name("exr-out");
+        let job = nodes[0]
+            .cli_ok_within(
+                &[
+                    "render",
+                    scene.to_str().context("UTF-8")?,
+                    "--frames",
+                    "1",
+                    "--split",
+                    "samples",
+                    "--out",
+                    out.to_str().context("UTF-8")?,
+                ],
+                JOB_WITHIN,
+            )?
+            .trim()
+            .to_owned();
+        // A peer other than the submitter renders a slice: kill -9 it then.
+        let victim = eventually(JOB_WITHIN, Duration::from_millis(50), || {
+            for (i, node) in nodes.iter().enumerate().skip(1) {
+                if !blenders_of(node, &job)?.is_empty() {
+                    let view = nodes[0].cli_json(&["status", &job, "--json"])?;
+                    let id = node.peer_id()?;
+                    let leased = view["tasks"].as_array().into_iter().flatten().any(|t| {
+                        t["task"]["kind"] == "render"
+                            && t["state"]["Leased"]["worker"].as_str() == Some(id.as_str())
+                    });
+                    if leased {
+                        return Ok(i);
+                    }
+                }
+            }
+            anyhow::bail!("no other peer renders a slice yet")
+        })?;
+        nodes[victim].kill()?;
+        let frame = out.join("shot_0001.exr");
+        eventually(JOB_WITHIN, Duration::from_millis(500), || {
+            ensure!(frame.exists(), "{} not there yet", frame.display());
+            Ok(())
+        })?;
+        // Nothing lost, nothing counted twice: the merged frame has the frame's samples.
+        let (text, mesh) = read_exr(&frame)?;
+        assert_eq!(
+            text.get("cycles.ViewLayer.samples").map(String::as_str),
+            Some("256"),
+            "{text:?}"
+        );
+        // And the same pixels as `blender -b`, within 1e-5.
+        let local_dir = project.join("local");
+        fs::create_dir_all(&local_dir)?;
+        let out = Command::new(blender())
+            .arg("-b")
+            .arg(&scene)
+            .arg("-o")
+            .arg(local_dir.join("local_####"))
+            .args(["-f", "1"])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (_, local) = read_exr(&local_dir.join("local_0001.exr"))?;
+        assert_eq!(
+            mesh.keys().collect::<Vec<_>>(),
+            local.keys().collect::<Vec<_>>()
+        );
+        for (name, values) in &local {
+            let worst = values
+                .iter()
+                .zip(&mesh[name])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-5, "{name}: {worst}");
         }
         Ok(())
     });

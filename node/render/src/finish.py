@@ -11,6 +11,10 @@ nodes in place of the Render Layers nodes; the scene itself is emptied so the re
 drives the compositor costs next to nothing. The result goes through Blender's own write path,
 so it is bit-identical to a local render's file when the pixels are.
 
+A full-float multilayer EXR output with a lossless codec, nothing to denoise and no compositor
+is the merged EXR itself, copied under Blender's name: it then keeps the frame's true sample
+count and render time in its metadata.
+
 Answers on stdout with one line "@blendnet {"finished": {"output": PATH}}" or
 "@blendnet {"error": {"kind": KIND, "message": TEXT}}". Embedded in the blendnet binary
 (node/render/src/finish.rs).
@@ -18,6 +22,7 @@ Answers on stdout with one line "@blendnet {"finished": {"output": PATH}}" or
 
 import json
 import os
+import shutil
 import sys
 
 import bpy
@@ -112,6 +117,21 @@ def empty(scene):
         scene.cycles.use_denoising = False
 
 
+# EXR codecs that keep every value: a merged frame written with any of them holds the same
+# pixels.
+LOSSLESS_EXR_CODECS = {"NONE", "ZIP", "ZIPS", "PIZ", "RLE"}
+
+
+def merged_is_the_output(scene, wants_denoise):
+    """Whether the merged EXR already is the file the scene writes: a full-float multilayer
+    EXR with a lossless codec, nothing to denoise and no compositor. It then goes out as it
+    is, with its true sample count and render time (an empty render would stamp its own)."""
+    image = scene.render.image_settings
+    composites = scene.render.use_compositing and scene.use_nodes and scene.node_tree
+    return (image.file_format == "OPEN_EXR_MULTILAYER" and image.color_depth == "32"
+            and image.exr_codec in LOSSLESS_EXR_CODECS and not wants_denoise and not composites)
+
+
 def main(args):
     merged, frame, out_dir = args[0], int(args[1]), args[2]
     scene = bpy.context.scene
@@ -122,14 +142,18 @@ def main(args):
     wants_denoise = scene.render.engine == "CYCLES" and scene.cycles.use_denoising
     if wants_denoise:
         check_denoiser()
-    compose_from(scene, merged, wants_denoise)
-    empty(scene)
-    scene.render.use_compositing = True
     scene.frame_set(frame)
     # Blender's own naming (the output path's file name with the frame number and the
     # format's extension), in the output directory.
     scene.render.filepath = os.path.join(out_dir, os.path.basename(scene.render.filepath))
     output = scene.render.frame_path(frame=frame)
+    if merged_is_the_output(scene, wants_denoise):
+        shutil.copyfile(merged, output)
+        send("finished", output=output)
+        return
+    compose_from(scene, merged, wants_denoise)
+    empty(scene)
+    scene.render.use_compositing = True
     # A still render writes its path as given (no frame number): give it the full name.
     scene.render.filepath = output
     try:
