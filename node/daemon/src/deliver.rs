@@ -11,7 +11,7 @@
 //! there is complete. A failed delivery is tried again on the next change or anti-entropy round;
 //! a restarted daemon goes on with what it had not delivered.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,6 +56,10 @@ pub struct Deliveries {
     in_flight: HashSet<(JobId, BlobHash)>,
     /// Outputs known finished per job, delivered or not.
     known: BTreeMap<JobId, HashSet<BlobHash>>,
+    /// Outputs delivered per job, read from redb once: every change to a job asks.
+    delivered: HashMap<JobId, HashSet<BlobHash>>,
+    /// Output folders as read or set (`None`: the job has none here), likewise.
+    out_dirs: HashMap<JobId, Option<PathBuf>>,
     errors: BTreeMap<JobId, String>,
 }
 
@@ -80,12 +84,15 @@ impl Deliveries {
             tx,
             in_flight: HashSet::new(),
             known: BTreeMap::new(),
+            delivered: HashMap::new(),
+            out_dirs: HashMap::new(),
             errors: BTreeMap::new(),
         }
     }
 
     /// Records where `job`'s frames go. Kept across restarts.
-    pub fn set_out_dir(&self, job: &JobId, dir: &Path) -> Result<(), String> {
+    pub fn set_out_dir(&mut self, job: &JobId, dir: &Path) -> Result<(), String> {
+        self.out_dirs.insert(*job, Some(dir.to_path_buf()));
         let text = dir
             .to_str()
             .ok_or_else(|| format!("the output directory {} is not UTF-8", dir.display()))?;
@@ -99,7 +106,16 @@ impl Deliveries {
     }
 
     /// Where `job`'s frames go, if it was submitted here with an output directory.
-    pub fn out_dir(&self, job: &JobId) -> Option<PathBuf> {
+    pub fn out_dir(&mut self, job: &JobId) -> Option<PathBuf> {
+        if let Some(dir) = self.out_dirs.get(job) {
+            return dir.clone();
+        }
+        let dir = self.read_out_dir(job);
+        self.out_dirs.insert(*job, dir.clone());
+        dir
+    }
+
+    fn read_out_dir(&self, job: &JobId) -> Option<PathBuf> {
         let read = || -> Result<Option<PathBuf>, redb::Error> {
             let txn = self.database.begin_read()?;
             let table = match txn.open_table(OUT_DIRS) {
@@ -140,6 +156,34 @@ impl Deliveries {
             .unwrap_or_default()
     }
 
+    /// The outputs of `job` delivered so far.
+    fn delivered(&mut self, job: &JobId) -> &mut HashSet<BlobHash> {
+        if !self.delivered.contains_key(job) {
+            let read = || -> Result<HashSet<BlobHash>, redb::Error> {
+                let txn = self.database.begin_read()?;
+                let table = match txn.open_table(DELIVERED) {
+                    Ok(t) => t,
+                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashSet::new()),
+                    Err(e) => return Err(e.into()),
+                };
+                let (low, high) = (key(job, &BlobHash([0; 32])), key(job, &BlobHash([255; 32])));
+                let mut hashes = HashSet::new();
+                for row in table.range(low.as_slice()..=high.as_slice())? {
+                    let (k, _) = row?;
+                    if let Ok(hash) = <[u8; 32]>::try_from(&k.value()[32..]) {
+                        hashes.insert(BlobHash(hash));
+                    }
+                }
+                Ok(hashes)
+            };
+            let hashes = read()
+                .inspect_err(|e| tracing::error!(%job, error = %e, "cannot read deliveries"))
+                .unwrap_or_default();
+            self.delivered.insert(*job, hashes);
+        }
+        self.delivered.entry(*job).or_default()
+    }
+
     fn delivered_files(&self, job: &JobId, hash: &BlobHash) -> Option<Vec<PathBuf>> {
         let read = || -> Result<Option<Vec<PathBuf>>, redb::Error> {
             let txn = self.database.begin_read()?;
@@ -163,8 +207,7 @@ impl Deliveries {
         let outputs: Vec<BlobHash> = outputs.into_iter().collect();
         self.known.entry(job).or_default().extend(&outputs);
         for hash in outputs {
-            if self.in_flight.contains(&(job, hash)) || self.delivered_files(&job, &hash).is_some()
-            {
+            if self.in_flight.contains(&(job, hash)) || self.delivered(&job).contains(&hash) {
                 continue;
             }
             self.in_flight.insert((job, hash));
@@ -200,6 +243,7 @@ impl Deliveries {
                 if let Err(e) = write() {
                     tracing::error!(%job, %hash, error = %e, "cannot record a delivery");
                 }
+                self.delivered(&job).insert(hash);
                 self.errors.remove(&job);
                 tracing::info!(%job, %hash, files = ?files, "frames delivered");
             }
@@ -216,7 +260,7 @@ impl Deliveries {
     }
 
     /// What was delivered of `job`, if it has an output directory here.
-    pub fn view(&self, job: &JobId) -> Option<OutputsView> {
+    pub fn view(&mut self, job: &JobId) -> Option<OutputsView> {
         let dir = self.out_dir(job)?;
         let mut files = Vec::new();
         let mut pending = 0;
