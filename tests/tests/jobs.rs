@@ -219,22 +219,9 @@ fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
         let mut nodes = mesh(2)?;
         let (hash, log) = scene(&nodes[0], 10)?;
         // 40 frames of 100 samples at 10 ms a sample: 1 s a task, about 14 s on three peers,
-        // so the kill below lands mid-job even when the checks before it are slow.
+        // so the kill below lands mid-job.
         let id = submit(&nodes[0], &hash, "1-40", 100, "frames")?;
         let a = nodes[0].peer_id()?;
-        // While it renders, every peer's status shows what the others render, samples too.
-        eventually(Duration::from_secs(30), Duration::from_millis(200), || {
-            let peers = nodes[0].peers()?;
-            let busy = peers.as_array().into_iter().flatten().any(|p| {
-                p["is_self"] == false
-                    && p["rendering"]["job"] == id.as_str()
-                    && p["rendering"]["samples_done"]
-                        .as_u64()
-                        .is_some_and(|n| n > 0)
-            });
-            ensure!(busy, "no peer shows progress on {id}: {peers}");
-            Ok(())
-        })?;
         // The submitter coordinates first; kill it once some work is done.
         eventually(Duration::from_secs(60), Duration::from_millis(200), || {
             let view = job(&nodes[1], &id)?;
@@ -254,6 +241,20 @@ fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
         })?;
         let killed_at = Instant::now();
         nodes[0].kill()?;
+        // While it renders, every peer's status shows what the others render, samples too
+        // (checked after the kill, so that a slow check never lets the job finish first).
+        eventually(Duration::from_secs(30), Duration::from_millis(200), || {
+            let peers = nodes[1].peers()?;
+            let busy = peers.as_array().into_iter().flatten().any(|p| {
+                p["is_self"] == false
+                    && p["rendering"]["job"] == id.as_str()
+                    && p["rendering"]["samples_done"]
+                        .as_u64()
+                        .is_some_and(|n| n > 0)
+            });
+            ensure!(busy, "no peer shows progress on {id}: {peers}");
+            Ok(())
+        })?;
         let view = wait_done(&nodes[1], &id, JOB_WITHIN)?;
         let (epoch, peer) = coordinator(&view).context("no coordinator")?;
         assert!(
