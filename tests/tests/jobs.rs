@@ -218,9 +218,9 @@ fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
     e2e(|| {
         let mut nodes = mesh(2)?;
         let (hash, log) = scene(&nodes[0], 10)?;
-        // 40 frames of 100 samples at 10 ms a sample: 1 s a task, about 14 s on three peers,
+        // 60 frames of 100 samples at 10 ms a sample: 1 s a task, about 20 s on three peers,
         // so the kill below lands mid-job.
-        let id = submit(&nodes[0], &hash, "1-40", 100, "frames")?;
+        let id = submit(&nodes[0], &hash, "1-60", 100, "frames")?;
         let a = nodes[0].peer_id()?;
         // The submitter coordinates first; kill it once some work is done.
         eventually(Duration::from_secs(60), Duration::from_millis(200), || {
@@ -232,9 +232,10 @@ fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
             );
             let (done, total) = progress(&view);
             ensure!(done >= 200, "progress {done}/{total}");
-            // Past half, the kill would prove little; the test is set up so this never fails.
+            // Ten tasks or more must be left for the new coordinator to grant; a loaded
+            // machine can be slow to show the first progress, so not much more is asked.
             assert!(
-                done < total / 2,
+                done + 1000 <= total,
                 "the job got to {done}/{total} before the kill"
             );
             Ok(())
@@ -262,7 +263,7 @@ fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
             "the job finished in epoch {epoch}: nobody took over"
         );
         assert_ne!(peer, a, "the dead submitter still coordinates");
-        assert_eq!(covered_frames(&view), (1..=40).collect::<Vec<_>>());
+        assert_eq!(covered_frames(&view), (1..=60).collect::<Vec<_>>());
         wait_done(&nodes[2], &id, Duration::from_secs(30))?;
         eprintln!(
             "job done {:.1} s after the coordinator was killed",
@@ -270,7 +271,7 @@ fn killing_the_coordinator_hands_the_job_over_and_it_completes() {
         );
         let rendered = renders(&log)?;
         let frames: u32 = rendered.keys().map(|k| k.1).sum();
-        assert!(frames >= 40, "rendered {rendered:?}");
+        assert!(frames >= 60, "rendered {rendered:?}");
         Ok(())
     });
 }
