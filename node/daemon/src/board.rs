@@ -71,8 +71,9 @@ const CHANGES: usize = 256;
 /// capabilities; a node not yet in a mesh never starts one).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// API requests kept while the board starts: a few callers at once at most.
-const MAX_WAITING_REQUESTS: usize = 64;
+/// Messages kept while the board starts: API requests (a few callers at once at most) and the
+/// job events gossiped meanwhile (a job submitted as this node comes up).
+const MAX_WAITING_REQUESTS: usize = 1024;
 
 /// How often the members (roster, liveness, who renders) are read from the network actor.
 pub const MEMBERS_EVERY: Duration = Duration::from_secs(1);
@@ -425,6 +426,8 @@ impl BoardActor {
                     self.on_message(message);
                 }
                 self.deliver(self.deliveries.jobs());
+                // Catch up at once with what the mesh did while this node was away.
+                self.sync();
             }
             Err(e) => tracing::error!(error = %e, "cannot start the job board"),
         }
@@ -432,11 +435,15 @@ impl BoardActor {
 
     fn on_message(&mut self, message: BoardMessage) {
         // Requests from the API wait for the board (a second or two after start-up) rather
-        // than fail: a script that starts a daemon and submits at once must just work.
+        // than fail: a script that starts a daemon and submits at once must just work. Job
+        // events wait too: dropped, a job submitted meanwhile stayed unknown here until
+        // anti-entropy (measured: a new member idle for 19 s).
         if self.board.is_none()
             && matches!(
                 message,
-                BoardMessage::Submit { .. }
+                BoardMessage::Delivery(_)
+                    | BoardMessage::SyncEvents(_)
+                    | BoardMessage::Submit { .. }
                     | BoardMessage::Outputs { .. }
                     | BoardMessage::Cancel { .. }
                     | BoardMessage::Jobs(_)
@@ -446,7 +453,8 @@ impl BoardActor {
             if self.waiting.len() < MAX_WAITING_REQUESTS {
                 self.waiting.push(message);
             }
-            // Past the bound the request is dropped, and its caller hears "not ready".
+            // Past the bound the request is dropped, and its caller hears "not ready" (an event
+            // comes back with anti-entropy).
             return;
         }
         match message {
