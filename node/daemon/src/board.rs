@@ -426,8 +426,6 @@ impl BoardActor {
                     self.on_message(message);
                 }
                 self.deliver(self.deliveries.jobs());
-                // Catch up at once with what the mesh did while this node was away.
-                self.sync();
             }
             Err(e) => tracing::error!(error = %e, "cannot start the job board"),
         }
