@@ -89,6 +89,25 @@ fn render_wait(node: &Node, args: &[&str]) -> Result<Vec<Value>> {
         .collect()
 }
 
+/// `blendnet render SCENE --frames 1 --split samples --out OUT` on `node`, without waiting;
+/// returns the job id.
+fn render_sliced_still(node: &Node, scene: &Path, out: &Path) -> Result<String> {
+    let job = node.cli_ok_within(
+        &[
+            "render",
+            scene.to_str().context("UTF-8")?,
+            "--frames",
+            "1",
+            "--split",
+            "samples",
+            "--out",
+            out.to_str().context("UTF-8")?,
+        ],
+        JOB_WITHIN,
+    )?;
+    Ok(job.trim().to_owned())
+}
+
 /// Peers that rendered the job's tasks that count, as the submitter's view says.
 fn renderers(node: &Node, job: &str) -> Result<std::collections::BTreeSet<String>> {
     let view = node.cli_json(&["status", job, "--json"])?;
@@ -298,22 +317,7 @@ fn a_submitter_killed_right_after_submitting_gets_its_frames_when_it_restarts() 
              scene.render.resolution_y = 120",
         )?;
         let out = nodes[0].data_dir().with_file_name("killed-out");
-        let job = nodes[0]
-            .cli_ok_within(
-                &[
-                    "render",
-                    scene.to_str().context("UTF-8")?,
-                    "--frames",
-                    "1",
-                    "--split",
-                    "samples",
-                    "--out",
-                    out.to_str().context("UTF-8")?,
-                ],
-                JOB_WITHIN,
-            )?
-            .trim()
-            .to_owned();
+        let job = render_sliced_still(&nodes[0], &scene, &out)?;
         // Right after submitting, the submitter (the job's coordinator too) dies. Submitting
         // answered once a second peer held the scene.
         nodes[0].kill()?;
@@ -530,22 +534,7 @@ fn a_worker_killed_mid_slice_loses_nothing_and_the_exr_equals_a_local_render() {
              scene.render.image_settings.exr_codec = 'ZIP'",
         )?;
         let out = nodes[0].data_dir().with_file_name("exr-out");
-        let job = nodes[0]
-            .cli_ok_within(
-                &[
-                    "render",
-                    scene.to_str().context("UTF-8")?,
-                    "--frames",
-                    "1",
-                    "--split",
-                    "samples",
-                    "--out",
-                    out.to_str().context("UTF-8")?,
-                ],
-                JOB_WITHIN,
-            )?
-            .trim()
-            .to_owned();
+        let job = render_sliced_still(&nodes[0], &scene, &out)?;
         // A peer other than the submitter renders a slice: kill -9 it then.
         let victim = eventually(JOB_WITHIN, Duration::from_millis(50), || {
             for (i, node) in nodes.iter().enumerate().skip(1) {
@@ -579,19 +568,7 @@ fn a_worker_killed_mid_slice_loses_nothing_and_the_exr_equals_a_local_render() {
         // And the same pixels as `blender -b`, within 1e-5.
         let local_dir = project.join("local");
         fs::create_dir_all(&local_dir)?;
-        let out = Command::new(blender())
-            .arg("-b")
-            .arg(&scene)
-            .arg("-o")
-            .arg(local_dir.join("local_####"))
-            .args(["-f", "1"])
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let (_, local) = read_exr(&local_dir.join("local_0001.exr"))?;
+        let (_, local) = read_exr(&local_render(&scene, &local_dir, "1")?[0])?;
         assert_eq!(
             mesh.keys().collect::<Vec<_>>(),
             local.keys().collect::<Vec<_>>()
