@@ -99,8 +99,8 @@ fn scratch(node: &Node, name: &str) -> Result<PathBuf> {
 #[test]
 fn a_directory_travels_whole_with_its_layout() {
     e2e(|| {
-        let nodes = mesh(1)?;
-        let (a, b) = (&nodes[0], &nodes[1]);
+        let nodes = mesh(2)?;
+        let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
         let scene = scratch(a, "scene")?;
         fs::create_dir_all(scene.join("textures/wood"))?;
         let files = [
@@ -159,6 +159,21 @@ fn a_directory_travels_whole_with_its_layout() {
             );
             Ok(())
         })?;
+        // `--from A`: C takes everything from A, although it heard that B holds it too.
+        let a_id = a.peer_id()?;
+        let out = scratch(c, "out")?;
+        let view = store_get(c, &hash, &out, &["--from", &a_id])?;
+        let senders = view["received_from"]
+            .as_object()
+            .context("no received_from")?;
+        ensure!(
+            senders.len() == 1 && received_from(&view, &a_id) > 0,
+            "--from A, yet C received from {senders:?}"
+        );
+        ensure!(
+            fs::read(out.join("shot.blend"))? == files[0].1,
+            "C's copy differs"
+        );
         Ok(())
     });
 }

@@ -48,6 +48,8 @@ type Holders = Arc<Mutex<HashMap<BlobHash, BTreeSet<PeerId>>>>;
 struct NetDialer {
     streams: Streams,
     holders: Holders,
+    /// Only this peer (`store get --from`): the `have` hints are not followed.
+    only: Option<PeerId>,
 }
 
 impl Dialer for NetDialer {
@@ -58,7 +60,10 @@ impl Dialer for NetDialer {
     }
 
     fn hinted(&self, hash: &BlobHash) -> Vec<PeerId> {
-        member_holders(&self.holders, &self.streams, hash)
+        match self.only {
+            Some(_) => Vec::new(),
+            None => member_holders(&self.holders, &self.streams, hash),
+        }
     }
 }
 
@@ -141,10 +146,11 @@ impl Blobs {
         }
     }
 
-    fn dialer(&self) -> Arc<NetDialer> {
+    fn dialer(&self, only: Option<PeerId>) -> Arc<NetDialer> {
         Arc::new(NetDialer {
             streams: self.streams.clone(),
             holders: self.holders.clone(),
+            only,
         })
     }
 
@@ -327,7 +333,7 @@ impl Blobs {
             Some(peer) => vec![peer],
             None => self.streams.members().iter().copied().collect(),
         };
-        let dialer = self.dialer();
+        let dialer = self.dialer(from);
         let mut view = StoreGetView::default();
         let report = self.fetch_one(&dialer, hash, &candidates).await?;
         view.absorb(&report);
