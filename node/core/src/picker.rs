@@ -81,7 +81,7 @@ impl<P: Ord + Clone> Picker<P> {
     /// Adds a provider or replaces what it can serve. Deferred pieces may be asked for again:
     /// what the others hold has changed.
     pub fn set_provider(&mut self, provider: P, availability: Availability) {
-        self.deferred.clear();
+        self.forget_deferrals();
         let in_flight = self
             .providers
             .remove(&provider)
@@ -99,11 +99,18 @@ impl<P: Ord + Clone> Picker<P> {
     /// Removes a provider (gone, or caught serving bad data); its pieces in flight return to
     /// the pool.
     pub fn remove_provider(&mut self, provider: &P) {
+        self.forget_deferrals();
         if let Some(p) = self.providers.remove(provider) {
             for piece in p.in_flight {
                 self.release(piece, provider);
             }
         }
+    }
+
+    /// Deferred pieces may be asked for again: who holds what has changed (a provider came,
+    /// went, or turned out not to hold what it announced).
+    pub fn forget_deferrals(&mut self) {
+        self.deferred.clear();
     }
 
     fn release(&mut self, piece: u64, provider: &P) {

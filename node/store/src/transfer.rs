@@ -590,6 +590,10 @@ pub async fn fetch<D: Dialer>(
         }
     }
     let mut failures: BTreeMap<PeerId, u32> = BTreeMap::new();
+    // Peers that announced the blob but keep answering that they do not hold it (deleted or
+    // evicted since): their stale announcements are ignored for the rest of this fetch, so a
+    // seeder is no longer asked to leave pieces to them.
+    let mut gone: BTreeSet<PeerId> = BTreeSet::new();
     let mut waiting = FuturesUnordered::new();
     let mut asking: BTreeSet<PeerId> = BTreeSet::new();
     let mut refresh = tokio::time::interval(AVAILABILITY_REFRESH);
@@ -677,12 +681,16 @@ pub async fn fetch<D: Dialer>(
                         picker.set_provider(peer, availability);
                         live.insert(peer);
                         failures.remove(&peer);
-                    } else if !not_found {
-                        // No answer, or not one we can use: after a few, stop asking.
+                    } else {
+                        // Not held, no answer, or not one we can use: after a few, stop asking.
                         let n = failures.entry(peer).or_default();
                         *n += 1;
                         if *n >= MAX_FAILURES_PER_PROVIDER {
                             watching.remove(&peer);
+                            if not_found && dialer.hinted(&hash).contains(&peer) {
+                                gone.insert(peer);
+                                picker.forget_deferrals();
+                            }
                         }
                     }
                 }
@@ -694,7 +702,7 @@ pub async fn fetch<D: Dialer>(
                 let hinted: BTreeSet<PeerId> = dialer
                     .hinted(&hash)
                     .into_iter()
-                    .filter(|p| !report.dropped.contains(p))
+                    .filter(|p| !report.dropped.contains(p) && !gone.contains(p))
                     .collect();
                 watching.extend(hinted.iter().filter(|p| !live.contains(p)));
                 let due: Vec<PeerId> = watching
@@ -1084,6 +1092,44 @@ mod tests {
         assert_eq!(
             report.bytes_from.keys().copied().collect::<Vec<_>>(),
             vec![p]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_announced_a_blob_and_deleted_it_does_not_stall_the_fetch() {
+        let bytes = data(3 * PIECE_BYTES as usize, 9);
+        let (seed, hash) = seeded(&bytes);
+        let dialer = MemDialer::default();
+        let (seeder, other) = (PeerId::random(), PeerId::random());
+        dialer.add(seeder, seed.store.clone(), Behaviour::Honest);
+        // `other` fetches the whole blob from the seeder, announces it, then deletes it.
+        let theirs = TestStore::new(None);
+        fetch(
+            &theirs.store,
+            Arc::new(dialer.as_peer(other)),
+            hash,
+            &[seeder],
+            2,
+            |_| {},
+        )
+        .await
+        .unwrap();
+        let emptied = TestStore::new(None);
+        dialer.add(other, emptied.store.clone(), Behaviour::Honest);
+        // Within its seeding window the seeder would send us to `other`, which answers that
+        // it holds nothing; the fetch must notice and have the seeder serve it after all.
+        let me = TestStore::new(None);
+        let hinting = Hinting(dialer.as_peer(PeerId::random()), vec![other]);
+        let started = std::time::Instant::now();
+        let report = fetch(&me.store, Arc::new(hinting), hash, &[seeder], 3, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(read_blob(&me.store, &hash), bytes);
+        assert_eq!(report.bytes_from.keys().collect::<Vec<_>>(), vec![&seeder]);
+        assert!(
+            started.elapsed() < SEED_WINDOW,
+            "took {:?}: the fetch waited for the stale announcement",
+            started.elapsed()
         );
     }
 
