@@ -4,14 +4,15 @@
 #
 #   tests/bench/transfer.sh [SIZE_MIB] [FETCHERS]     # defaults: 1024 MiB, 8 fetchers
 #
-# 1. FETCHERS members fetch the blob at once; prints the seeder's upload factor (bytes the
-#    fetchers received from the seeder / blob size; aim: under 1.3);
-# 2. ROUNDS times (default 3), interleaved: a plain TCP copy of the file over 127.0.0.1
+# 1. ROUNDS times (default 3), interleaved: a plain TCP copy of the file over 127.0.0.1
 #    (Python sockets, written to disk and fsynced: the reference), then one fresh member
-#    fetches it from the seeder alone (`blendnet store get --from`, verified, fsynced). Prints
-#    every round and the ratio of the best mesh fetch to the best TCP copy (aim: 0.7 or better
-#    on 2 cores). Best-of-rounds because single runs on a small VM vary by up to 3x (the
-#    first touch of fresh page-cache memory alone varied from 0.2 to 2.3 s per GiB here).
+#    fetches it from the seeder alone (`blendnet store get --from`, verified, fsynced). Both
+#    copies are deleted after each round. Prints every round and the ratio of the best mesh
+#    fetch to the best TCP copy (aim: 0.7 or better on 2 cores). Best-of-rounds because
+#    single runs on a small VM vary by up to 3x: writing into page-cache memory the VM has
+#    not touched yet varied from 0.2 to 2.3 s per GiB here (one uncounted TCP copy warms it).
+# 2. FETCHERS members fetch the blob at once; prints the seeder's upload factor (bytes the
+#    fetchers received from the seeder / blob size; aim: under 1.3).
 # Daemons listen on TCP (LISTEN=/ip4/127.0.0.1/udp/0/quic-v1 tries QUIC; on loopback it is
 # slower: 178 vs 336 MiB/s for 256 MiB, measured once). Uses the release binary (or $BLENDNET_BIN). Everything runs in a temporary directory on
 # loopback and is removed at the end.
@@ -115,27 +116,11 @@ for _ in $(seq 300); do
     [[ "$(peer_count seeder)" -ge $((fetchers + rounds)) ]] && break
     sleep 0.1
 done
-# 1. Many fetchers at once (the fr* members stay out: they must still be empty for step 2).
-t4="$(now)"
-for i in $(seq 1 "$fetchers"); do
-    "$bin" store get --data-dir "$work/f$i" "$hash" --out "$work/f$i-out" --json >"$work/f$i.json" 2>"$work/f$i.err" &
-    getpids+=("$!")
-done
-for i in "${!getpids[@]}"; do
-    wait "${getpids[$i]}" || { echo "fetcher $((i + 1)) failed:" >&2; cat "$work/f$((i + 1)).err" >&2; exit 1; }
-done
-t5="$(now)"
-for i in $(seq 1 "$fetchers"); do
-    cmp -s "$work/src/blob.bin" "$work/f$i-out/blob.bin" || { echo "fetcher $i's copy differs!" >&2; exit 1; }
-done
-from_seeder="$(python3 - "$seeder_id" "$work" "$fetchers" <<'PY'
-import json, sys
-seeder, work, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-print(sum(json.load(open(f"{work}/f{i}.json"))["received_from"].get(seeder, 0) for i in range(1, n + 1)))
-PY
-)"
-
-# 2. Rounds of a TCP copy and one fetch from the seeder alone, each into an empty store.
+# 1. Rounds of a TCP copy and one fetch from the seeder alone, each into an empty store,
+# first of all: the many-fetcher step fills the page cache, and writes into memory the VM
+# never touched are several times slower, whichever side makes them. One uncounted TCP copy
+# warms that memory first.
+tcp_copy >/dev/null
 sync
 tcp_all=()
 mesh_all=()
@@ -154,6 +139,26 @@ for r in $(seq 1 "$rounds"); do
     "$bin" store gc --data-dir "$work/fr$r" >/dev/null
     sync
 done
+
+# 2. Many fetchers at once.
+t4="$(now)"
+for i in $(seq 1 "$fetchers"); do
+    "$bin" store get --data-dir "$work/f$i" "$hash" --out "$work/f$i-out" --json >"$work/f$i.json" 2>"$work/f$i.err" &
+    getpids+=("$!")
+done
+for i in "${!getpids[@]}"; do
+    wait "${getpids[$i]}" || { echo "fetcher $((i + 1)) failed:" >&2; cat "$work/f$((i + 1)).err" >&2; exit 1; }
+done
+t5="$(now)"
+for i in $(seq 1 "$fetchers"); do
+    cmp -s "$work/src/blob.bin" "$work/f$i-out/blob.bin" || { echo "fetcher $i's copy differs!" >&2; exit 1; }
+done
+from_seeder="$(python3 - "$seeder_id" "$work" "$fetchers" <<'PY'
+import json, sys
+seeder, work, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+print(sum(json.load(open(f"{work}/f{i}.json"))["received_from"].get(seeder, 0) for i in range(1, n + 1)))
+PY
+)"
 
 python3 - "$size_mib" "$t0" "$t1" "$t4" "$t5" "$from_seeder" "$fetchers" "${tcp_all[*]}" "${mesh_all[*]}" <<'PY'
 import sys

@@ -30,16 +30,17 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A piece: 64 chunk groups of 16 KiB = 1 MiB. Large enough that per-request overhead (a
-/// stream, a header, the parent hashes) is small; small enough that four fetchers of a
-/// 256 MiB blob have hundreds of pieces to trade. Whole groups, since only whole groups are
-/// kept across restarts.
-pub const PIECE_GROUPS: u64 = 64;
+/// A piece: 256 chunk groups of 16 KiB = 4 MiB. Large enough that per-request overhead (a
+/// stream, a buffer, a hop to a blocking thread) stays small: 1 MiB pieces fetched a 1 GiB
+/// blob on loopback at 290 MiB/s, 4 MiB pieces at 367 MiB/s. Small enough that four fetchers
+/// of a 256 MiB blob have 64 pieces to trade. Whole groups, since only whole groups are kept
+/// across restarts.
+pub const PIECE_GROUPS: u64 = 256;
 /// Bytes of payload in a piece.
 pub const PIECE_BYTES: u64 = PIECE_GROUPS * crate::GROUP_BYTES;
-/// Most payload bytes one `Get` may ask for: a provider refuses more, so one request cannot
-/// make it buffer much.
-pub const MAX_GET_BYTES: u64 = 4 * PIECE_BYTES;
+/// Most payload bytes one `Get` may ask for (fetchers ask for one piece): a provider refuses
+/// more, so one request cannot make it buffer much.
+pub const MAX_GET_BYTES: u64 = PIECE_BYTES;
 /// Requests in flight per provider: enough to keep a link busy while answers are encoded on
 /// one side and verified on the other.
 pub const MAX_IN_FLIGHT_PER_PROVIDER: usize = 4;
