@@ -27,6 +27,11 @@ pub struct SliceInput {
     pub unplanned: u64,
     /// Live peers able to render that hold no lease of the job, the asker included.
     pub idle_peers: u32,
+    /// Live peers able to render, busy or not, the asker included.
+    pub live_peers: u32,
+    /// Frame-samples the job's running tasks are expected still to render (what is left of
+    /// each at the measured speeds; all of it while unmeasured).
+    pub in_flight: u64,
     /// Measured milliseconds per frame-sample, if any slice has come back.
     pub ms_per_sample: Option<f64>,
     /// The render time a slice should take (the job's `target_task_secs`).
@@ -34,14 +39,23 @@ pub struct SliceInput {
 }
 
 /// The number of samples of the next slice: the target time's worth at the measured speed (a
-/// probe while unmeasured), but never more than an even share of the unplanned work among the
-/// idle peers, so no idle peer is left without a task; at least 1, at most the hole.
+/// probe while unmeasured), but never more than
+/// - an even share of the unplanned work among the idle peers, so no idle peer is left
+///   without a task, nor
+/// - an even share of all the work left (unplanned and still rendering) among all the live
+///   peers, so the peers busy now get their part when they ask, and all finish together
+///   (without it, a peer asking while the other still rendered its probe took the target
+///   time's worth, 2900 of 4096 samples, and the other sat idle for its last 30 s);
+///
+/// at least 1, at most the hole.
 pub fn slice_samples(input: SliceInput) -> u32 {
     let hole = input.hole.max(1);
-    let peers = u64::from(input.idle_peers.max(1));
+    let idle = u64::from(input.idle_peers.max(1));
+    let live = u64::from(input.live_peers).max(idle);
     let fair = input
         .unplanned
-        .div_ceil(peers)
+        .div_ceil(idle)
+        .min((input.unplanned + input.in_flight).div_ceil(live))
         .clamp(1, u64::from(u32::MAX)) as u32;
     let want = match input.ms_per_sample {
         None => PROBE_SAMPLES,
@@ -91,6 +105,8 @@ mod tests {
             hole,
             unplanned,
             idle_peers: idle,
+            live_peers: idle,
+            in_flight: 0,
             ms_per_sample: ms,
             target_ms: 60_000,
         }
@@ -115,6 +131,41 @@ mod tests {
     }
 
     #[test]
+    fn the_work_left_is_shared_with_the_peers_busy_now() {
+        // Two peers; the other still renders the last 10 samples of its probe. 10 ms per
+        // sample and 30 s make 3000, but that would leave the other peer 1064: half each.
+        let asking = SliceInput {
+            live_peers: 2,
+            in_flight: 10,
+            target_ms: 30_000,
+            ..input(4064, 4064, 1, Some(10.0))
+        };
+        assert_eq!(slice_samples(asking), 2037);
+        // The other one asks next, while the first has 1940 left: it takes the rest (the
+        // even share, 1984, would leave a sliver of 43).
+        let other = SliceInput {
+            in_flight: 1940,
+            ..asking
+        };
+        assert_eq!(
+            slice_samples(SliceInput {
+                hole: 2027,
+                unplanned: 2027,
+                ..other
+            }),
+            2027
+        );
+        // Plenty of work left: the target time decides, as before.
+        let plenty = SliceInput {
+            live_peers: 2,
+            in_flight: 3000,
+            target_ms: 30_000,
+            ..input(40_000, 40_000, 1, Some(10.0))
+        };
+        assert_eq!(slice_samples(plenty), 3000);
+    }
+
+    #[test]
     fn backups_go_only_to_stragglers() {
         // Holder expected at 100 s; an asker needing 60 s at t=20 s would finish at 86 s.
         assert!(worth_a_backup(20_000, 100_000, 60_000));
@@ -131,11 +182,16 @@ mod tests {
             hole in 1u32..5000,
             extra in 0u64..100_000,
             idle in 0u32..300,
+            busy in 0u32..300,
+            in_flight in 0u64..100_000,
             ms in prop::option::of(0.0f64..10_000.0),
             target in 1_000u64..600_000,
         ) {
             let unplanned = u64::from(hole) + extra;
-            let i = SliceInput { hole, unplanned, idle_peers: idle, ms_per_sample: ms, target_ms: target };
+            let i = SliceInput {
+                hole, unplanned, idle_peers: idle, live_peers: idle + busy, in_flight,
+                ms_per_sample: ms, target_ms: target,
+            };
             let n = slice_samples(i);
             prop_assert!(n >= 1 && n <= hole);
             let fair = unplanned.div_ceil(u64::from(idle.max(1)));

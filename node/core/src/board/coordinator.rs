@@ -508,7 +508,7 @@ impl Coordination {
                 backup: false,
             };
         }
-        if let Some(task) = self.carve(job, mesh) {
+        if let Some(task) = self.carve(job, mesh, now) {
             return Decision::New {
                 task,
                 backup: false,
@@ -577,7 +577,7 @@ impl Coordination {
     }
 
     /// A new slice from the first hole of the first frame with one (sample-split jobs).
-    fn carve(&self, job: &Job, mesh: &Mesh<'_>) -> Option<TaskSpec> {
+    fn carve(&self, job: &Job, mesh: &Mesh<'_>, now: u64) -> Option<TaskSpec> {
         if !matches!(job.plan(), Plan::Samples { .. }) {
             return None;
         }
@@ -591,10 +591,37 @@ impl Coordination {
             hole: end - start,
             unplanned: job.unplanned_units(),
             idle_peers: u32::try_from(idle).unwrap_or(u32::MAX),
+            live_peers: u32::try_from(mesh.live_renderers).unwrap_or(u32::MAX),
+            in_flight: self.in_flight_units(job, now),
             ms_per_sample: job.speed(None).ms_per_unit(),
             target_ms: u64::from(job.spec().target_task_secs) * 1000,
         });
         Some(TaskSpec::render(frame, 1, start, samples))
+    }
+
+    /// Frame-samples the running render tasks are expected still to render: what is left of
+    /// each at its worker's measured speed (the job's while the worker is unmeasured), or all
+    /// of it while nothing is measured.
+    fn in_flight_units(&self, job: &Job, now: u64) -> u64 {
+        let global = job.speed(None).ms_per_unit();
+        self.slots
+            .iter()
+            .filter(|(task, _)| !task.is_merge())
+            .filter(|(task, _)| job.task(task).is_some_and(|r| !r.has_results()))
+            .filter_map(|(task, slots)| Some((task.units(), slots.primary?)))
+            .map(|(units, p)| {
+                let Some(global) = global else {
+                    return units;
+                };
+                let rate = job
+                    .speed(Some(&p.lease.worker))
+                    .ms_per_unit()
+                    .unwrap_or(global);
+                let total = sizing::expected_ms(units, rate).max(1);
+                let left = total.saturating_sub(now.saturating_sub(p.started));
+                (units as f64 * left as f64 / total as f64).ceil() as u64
+            })
+            .sum()
     }
 
     /// The task expected to finish last, if a backup on `from` would beat it.

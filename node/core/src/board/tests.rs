@@ -1194,6 +1194,31 @@ fn a_frame_is_merged_by_a_peer_holding_most_of_its_slices() {
 }
 
 #[test]
+fn a_frame_is_merged_as_soon_as_its_last_slice_is_done() {
+    // Idle peers ask for work every NO_WORK_RETRY_MS; the end of the last slice must not wait
+    // for that: the news of a task done makes them ask at once.
+    for seed in 0..12 {
+        let (mut net, job) = sliced_still(seed, |_| {});
+        assert!(net.settle(job, 600_000));
+        let last_slice_done = net
+            .produced
+            .iter()
+            .filter_map(|(at, e)| match e.body() {
+                EventBody::Done { task, .. } if !task.is_merge() => Some(*at),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        let (_, _, granted) = merge_grants(&net)[0];
+        assert!(
+            granted - last_slice_done < NO_WORK_RETRY_MS / 4,
+            "seed {seed}: merge granted {} ms after the last slice was done",
+            granted - last_slice_done
+        );
+    }
+}
+
+#[test]
 fn a_merge_that_fails_or_whose_merger_dies_moves_to_another_peer() {
     let merge = TaskSpec::merge(1, 2048);
     let (mut first, job) = sliced_still(22, |_| {});

@@ -34,6 +34,8 @@ struct Running {
 struct Asking {
     job: JobId,
     since: u64,
+    /// A task of the job was done since the request left: a "no work" answer may predate it.
+    stale: bool,
 }
 
 /// The worker runtime of a board.
@@ -222,7 +224,11 @@ impl Board {
                 continue;
             };
             let report = self.worker.reports.get(&job).map(|e| e.signed().clone());
-            self.worker.asking = Some(Asking { job, since: now });
+            self.worker.asking = Some(Asking {
+                job,
+                since: now,
+                stale: false,
+            });
             let request = WorkRequest::RequestWork {
                 job,
                 offer: self.offer.clone(),
@@ -318,6 +324,9 @@ impl Board {
             return;
         };
         let status = entry.job.status();
+        let some_done = tasks
+            .iter()
+            .any(|t| entry.job.task(t).is_some_and(|r| r.state.is_done()));
         let running = self.worker.running.as_ref().filter(|r| r.job == job);
         let reason = match (&status, running) {
             (JobStatus::Active, Some(r)) if tasks.contains(&r.task) => {
@@ -340,6 +349,14 @@ impl Board {
         }
         if !status.is_active() {
             self.worker.forget_job(&job);
+        } else if some_done {
+            // A task done may open work (the last slice of a frame makes its merge): an idle
+            // worker asks now rather than at its next retry, up to NO_WORK_RETRY_MS later, and
+            // one whose request is on its way asks again if the answer is "no work".
+            self.worker.retry_at.remove(&job);
+            if let Some(a) = self.worker.asking.as_mut().filter(|a| a.job == job) {
+                a.stale = true;
+            }
         }
     }
 
@@ -375,9 +392,13 @@ impl Board {
     ) {
         match request {
             WorkRequest::RequestWork { job, .. } => {
-                if self.worker.asking.is_some_and(|a| a.job == job) {
-                    self.worker.asking = None;
-                }
+                let stale = match self.worker.asking {
+                    Some(a) if a.job == job => {
+                        self.worker.asking = None;
+                        a.stale
+                    }
+                    _ => false,
+                };
                 if response.is_some() {
                     self.worker.reports.remove(&job);
                 }
@@ -415,6 +436,10 @@ impl Board {
                             return;
                         }
                         self.start(&ev, now + RENEW_EVERY_MS, out);
+                    }
+                    Some(WorkResponse::NoWork { .. }) if stale => {
+                        // Asked before the news of a task done: ask again now.
+                        self.worker.retry_at.remove(&job);
                     }
                     Some(WorkResponse::NoWork { retry_after_ms }) => {
                         let wait = retry_after_ms.clamp(1, MAX_RETRY_AFTER_MS);
