@@ -258,19 +258,20 @@ class _Render:
 
         def work():
             try:
-                daemon.ensure_running(binary, folder)
-                return daemon.run_cli(binary, folder, args)
+                status = daemon.ensure_running(binary, folder).status()
+                return status, daemon.run_cli(binary, folder, args)
             finally:
                 try:
                     os.remove(copy)
                 except OSError:
                     pass
 
-        def done(output, error):
+        def done(result, error):
             if error:
                 SESSION.error = f"Not submitted: {error}"
                 return
             SESSION.error = ""
+            SESSION.status, output = result
             job = json.loads(output.strip().splitlines()[-1])["job"]
             SESSION.selected = job
             SESSION.message = f"Submitted job {job[:12]}; the frames go to {out}"
