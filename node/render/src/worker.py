@@ -20,7 +20,6 @@ Each task changes the loaded scene; every task starts from the scene's own setti
 it was loaded (remember, restore), so nothing one task sets leaks into the next.
 """
 
-import glob
 import json
 import os
 import sys
@@ -39,21 +38,15 @@ def send(tag, /, **fields):
 
 
 def missing_files():
-    """Absolute paths the scene refers to that are not there (sequences and UDIM tiles count
-    as present when one of their files is)."""
-    missing = []
-    for path in bpy.utils.blend_paths(absolute=True, packed=False, local=False):
-        if not path:
-            continue
-        if "<UDIM>" in path or "<UVTILE>" in path or "#" in path:
-            pattern = path.replace("<UDIM>", "[0-9]" * 4).replace("<UVTILE>", "u*_v*")
-            pattern = pattern.replace("#", "[0-9]")
-            if glob.glob(pattern):
-                continue
-        elif os.path.exists(path):
-            continue
-        missing.append(path)
-    return sorted(set(missing))
+    """Absolute paths the scene needs that are not there, by the rules the submitting side
+    used (the add-on's collect.py, written beside this script): caches Blender writes when
+    they are absent, weak references and Blender's bundled files are never missing."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        from blendnet_collect import collect_files
+    finally:
+        sys.path.pop(0)
+    return collect_files()[1]
 
 
 def ready():

@@ -41,6 +41,8 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 
 /// The file the worker script is written to, in the worker's directory.
 const SCRIPT_NAME: &str = ".blendnet-worker.py";
+/// The collection code, beside the worker script (the module name worker.py imports).
+const COLLECT_MODULE: &str = "blendnet_collect.py";
 
 /// What a render reports while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,12 +182,16 @@ impl Worker {
         threads: Option<u32>,
     ) -> Result<Worker, StartError> {
         let script = dir.join(SCRIPT_NAME);
-        tokio::fs::write(&script, crate::WORKER_PY)
-            .await
-            .map_err(|source| StartError::Script {
-                path: script.clone(),
-                source,
-            })?;
+        // The worker checks the scene's files with the submitting side's collection code,
+        // which it imports from beside itself.
+        for (path, text) in [
+            (script.clone(), crate::WORKER_PY),
+            (dir.join(COLLECT_MODULE), crate::collect::COLLECT_PY),
+        ] {
+            tokio::fs::write(&path, text)
+                .await
+                .map_err(|source| StartError::Script { path, source })?;
+        }
         let mut command = Command::new(blender);
         command
             .arg("--factory-startup")

@@ -236,13 +236,21 @@ async fn scene_problems_are_named() {
     assert!(err.to_string().contains("no camera"), "{err}");
     worker.quit().await;
 
+    // A missing texture is missing; caches Blender writes when absent (an unbaked fluid
+    // domain, an ocean) are not, though Blender lists their paths too.
     let missing = scene(
         dir.path(),
         "missing",
         "img = bpy.data.images.new('tex', 4, 4)\n\
          img.source = 'FILE'\n\
          img.filepath = '/nonexistent/blendnet/tex.png'\n\
-         img.use_fake_user = True",
+         img.use_fake_user = True\n\
+         bpy.ops.mesh.primitive_cube_add(location=(5, 0, 0))\n\
+         domain = bpy.context.object.modifiers.new('Fluid', 'FLUID')\n\
+         domain.fluid_type = 'DOMAIN'\n\
+         domain.domain_settings.cache_directory = '/nonexistent/blendnet/fluid'\n\
+         bpy.ops.mesh.primitive_plane_add(location=(-5, 0, 0))\n\
+         bpy.context.object.modifiers.new('Ocean', 'OCEAN')",
     );
     let mut worker = Worker::start(&blender(), &missing, dir.path())
         .await
