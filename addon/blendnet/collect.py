@@ -305,10 +305,18 @@ def collect_node_bakes(needs, ob, mod):
 
 
 def collect_libraries(needs):
+    """Libraries something is linked from. An append leaves its source file among the
+    libraries, with nothing linked from it, until the file is reopened: a render never reads
+    that one, so it is neither uploaded nor missing."""
+    used = {datablock.library.name for datablock in all_ids()
+            if getattr(datablock, "library", None) is not None}
     for library in bpy.data.libraries:
         if library.filepath and not is_packed(library):
             path = absolute(library.filepath)
-            needs.need(path, existing(path))
+            if library.name in used:
+                needs.need(path, existing(path))
+            else:
+                needs.ignore(path)
 
 
 def all_ids():
