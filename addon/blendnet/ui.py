@@ -245,7 +245,9 @@ class _Render:
                 return {"CANCELLED"}
         settings = scene.blendnet
         copy = save_copy()
-        args = ["render", copy, "--out", out, "--split", settings.split, "--json"]
+        stem = os.path.splitext(os.path.basename(bpy.data.filepath))[0] or "untitled"
+        args = ["render", copy, "--out", out, "--split", settings.split, "--json",
+                "--name", f"{stem}/{scene.name}"]
         if not self.animation:
             args += ["--frames", str(scene.frame_current)]
         if settings.samples > 0:
@@ -421,11 +423,12 @@ class BLENDNET_PT_peers(_Panel, bpy.types.Panel):
         layout = self.layout
         if not SESSION.peers:
             layout.label(text="No peers known yet")
-        for peer in SESSION.peers:
+        for peer in sorted(SESSION.peers, key=lambda p: (not p.get("is_self"), p.get("fingerprint", ""))):
             caps = peer.get("capabilities") or {}
             box = layout.box()
             row = box.row()
-            row.label(text=peer.get("peer_id", "")[-12:] + ("  (this machine)" if peer.get("is_self") else ""),
+            name = peer.get("fingerprint") or peer.get("peer_id", "")[-12:]
+            row.label(text=name + ("  (this machine)" if peer.get("is_self") else ""),
                       icon="CHECKMARK" if peer.get("online") else "X")
             row.label(text=f"Blender {caps.get('blender') or '-'}")
             row = box.row()

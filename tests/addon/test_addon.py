@@ -120,6 +120,9 @@ def main():
     check(session.wait(180), "the submission did not finish")
     check(session.error == "", f"not submitted: {session.error}")
     check(session.selected, "no job after submitting")
+    jobs = sys.modules["blendnet.daemon"].Client(DATA_DIR).jobs()
+    names = [j["name"] for j in jobs if j["id"] == session.selected]
+    check(names == ["shot/Scene"], f"the job is not named after the file and scene: {names}")
     check(not any(n.startswith(".shot.blendnet") for n in os.listdir(os.path.dirname(scene_path))),
           "the submitted copy was left beside the scene")
     frame = os.path.join(WORK, "scene", "render", "frame_0001.png")

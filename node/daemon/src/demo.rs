@@ -92,6 +92,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
             wait: true,
             json: false,
             blender: Some(blender.clone()),
+            name: Some("demo".into()),
         },
     )?;
     let frame = out.join("demo_0001.png");

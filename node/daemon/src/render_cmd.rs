@@ -53,6 +53,9 @@ pub struct RenderArgs {
     /// The Blender that reads the scene (default: `BLENDNET_BLENDER`, then `blender` on PATH).
     #[arg(long, value_name = "PATH")]
     pub blender: Option<PathBuf>,
+    /// The job's name (default: the file's name and the scene's, `shot/Scene`).
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// Runs `blendnet render`.
@@ -173,7 +176,10 @@ fn submit(
         samples: args.samples.or(info.samples).unwrap_or(1),
         split: Some(args.split.clone()),
         engine: Some(info.engine.clone()),
-        name: Some(info.name.clone()),
+        name: Some(args.name.clone().unwrap_or_else(|| {
+            let stem = scene.file_stem().unwrap_or_default().to_string_lossy();
+            format!("{stem}/{}", info.name)
+        })),
         target_task_secs: None,
         frames_per_task: None,
         blender,
