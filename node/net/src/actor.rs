@@ -47,6 +47,9 @@ const MEMBER_CERT_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
 /// How long a peer that sent invalid data is refused: long enough to stop a loop of bad
 /// messages, short enough that a peer fixed by an upgrade comes back by itself.
 const BAN_DURATION: Duration = Duration::from_secs(60);
+/// Redemptions cut off unanswered in a row before a joining node gives up: a shut gate
+/// (the inviter has no open invite) closes every connection of a stranger at once.
+const JOIN_CUT_OFF_LIMIT: u32 = 5;
 /// Most unknown LAN daemons remembered, so a noisy network cannot grow this without bound.
 const MAX_LAN_PENDING: usize = 256;
 
@@ -129,6 +132,8 @@ pub struct NetActor {
     next_sync: Instant,
     next_bootstrap: Instant,
     join_in_flight: Option<OutboundRequestId>,
+    /// Redemptions in a row whose connection the inviter closed unanswered.
+    join_cut_off: u32,
 }
 
 impl std::fmt::Debug for NetActor {
@@ -205,6 +210,7 @@ impl NetActor {
             next_sync: now + SYNC_INTERVAL,
             next_bootstrap: now,
             join_in_flight: None,
+            join_cut_off: 0,
         };
         for (peer, addrs) in config.known_addrs {
             actor.peer_mut(peer).add_addrs(addrs);
@@ -1245,7 +1251,15 @@ impl NetActor {
             } => {
                 if self.join_in_flight == Some(request_id) {
                     self.join_in_flight = None;
-                    tracing::warn!(inviter = %peer, %error, "redeeming the invite failed; retrying");
+                    if matches!(error, request_response::OutboundFailure::ConnectionClosed) {
+                        self.join_cut_off += 1;
+                    }
+                    if self.join_cut_off >= JOIN_CUT_OFF_LIMIT {
+                        tracing::error!(inviter = %peer, "the inviter keeps closing the connection unanswered");
+                        self.emit(Event::JoinFailed(JoinFailure::CutOff { inviter: peer }));
+                    } else {
+                        tracing::warn!(inviter = %peer, %error, "redeeming the invite failed; retrying");
+                    }
                 }
                 if self
                     .admissions

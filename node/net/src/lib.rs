@@ -141,6 +141,13 @@ pub enum JoinFailure {
     Refused { inviter: PeerId, reason: Refusal },
     #[error("the inviter's answer is not valid: {0}")]
     BadWelcome(String),
+    /// The inviter lets the connection in and closes it without answering, again and again:
+    /// its gate is shut because it has no open invite (this one was used, withdrawn, or
+    /// expired).
+    #[error(
+        "the inviter {inviter} closes the connection without answering: it takes no new          members now (this invite has already been used, or every invite it made has expired)"
+    )]
+    CutOff { inviter: PeerId },
 }
 
 /// A validated gossip message on a topic whose content belongs to the layers above
