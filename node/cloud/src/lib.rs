@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+pub mod aws;
 pub mod local;
 pub mod policy;
 pub mod userdata;
