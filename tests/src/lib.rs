@@ -393,13 +393,19 @@ impl Node {
 
     /// Starts `blendnet up --data-dir DIR` followed by exactly `args`; does not wait for it.
     pub fn start_raw<S: AsRef<str>>(&mut self, args: &[S]) -> Result<()> {
+        self.start_command("up", args)
+    }
+
+    /// Starts `blendnet COMMAND --data-dir DIR` followed by exactly `args` (a command that runs
+    /// the daemon: `up`, `enroll`); does not wait for it.
+    pub fn start_command<S: AsRef<str>>(&mut self, command: &str, args: &[S]) -> Result<()> {
         if let Some(child) = &self.child {
             bail!("node {}: already running as pid {}", self.name, child.id());
         }
         let args: Vec<String> = args.iter().map(|s| s.as_ref().to_owned()).collect();
         self.runs += 1;
         let banner = format!(
-            "{BANNER_START}node {} run #{} at unix {}: blendnet up --data-dir {} {} =====\n",
+            "{BANNER_START}node {} run #{} at unix {}: blendnet {command} --data-dir {} {} =====\n",
             self.name,
             self.runs,
             unix_now(),
@@ -410,7 +416,7 @@ impl Node {
         let stderr = append_with_banner(&self.stderr_path(), &banner)?;
         let bin = blendnet_bin()?;
         let child = Command::new(&bin)
-            .arg("up")
+            .arg(command)
             .arg("--data-dir")
             .arg(&self.data)
             .args(&args)
@@ -419,7 +425,13 @@ impl Node {
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
-            .with_context(|| format!("node {}: cannot spawn {} up", self.name, bin.display()))?;
+            .with_context(|| {
+                format!(
+                    "node {}: cannot spawn {} {command}",
+                    self.name,
+                    bin.display()
+                )
+            })?;
         self.child = Some(child);
         self.up_args = args;
         Ok(())

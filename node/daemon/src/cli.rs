@@ -32,6 +32,10 @@ pub enum Command {
     Init,
     /// Run the daemon in the foreground.
     Up(UpArgs),
+    /// Join the mesh named in a cloud instance's user data with its one-time token (unless
+    /// this node already is a member), then run the daemon like `up`: what a cloud instance
+    /// runs at boot.
+    Enroll(EnrollArgs),
     /// Print a single-use, expiring invite code for another machine.
     Invite {
         /// How long the code stays valid: 30s, 10m, 1h, 2d.
@@ -278,6 +282,16 @@ pub struct UpArgs {
     pub render_threads: Option<u32>,
 }
 
+/// `blendnet enroll`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct EnrollArgs {
+    /// The user data the provisioner gave this instance (JSON: mesh, bootstrap, token...).
+    #[arg(long, value_name = "FILE")]
+    pub user_data: PathBuf,
+    #[command(flatten)]
+    pub up: UpArgs,
+}
+
 /// Parses a TTL such as `30s`, `10m`, `1h` or `2d` into seconds.
 pub fn parse_ttl(text: &str) -> anyhow::Result<u64> {
     let text = text.trim();
@@ -296,6 +310,64 @@ pub fn parse_ttl(text: &str) -> anyhow::Result<u64> {
         Some(0) | None => Err(bad()),
         Some(secs) => Ok(secs),
     }
+}
+
+/// Runs the daemon in the foreground until it is stopped.
+fn up(data_dir: DataDir, args: UpArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        listen: args.listen,
+        bootstrap: args.bootstrap,
+        api: args.api,
+        no_render: args.no_render,
+        no_mdns: args.no_mdns,
+        psk_file: args.psk_file,
+        blender: args.blender,
+        render_threads: args.render_threads,
+    };
+    let config = Config::load(&data_dir, &overrides)?;
+    if args.init && crate::node::may_init(&data_dir)? {
+        let mesh = crate::node::init(&data_dir)?;
+        eprintln!("created mesh {mesh}");
+    }
+    let _guard = logging::init(&data_dir, &config.log_level, config.max_log_files)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(crate::node::up(data_dir, config))
+}
+
+/// Reads a cloud instance's user data and, unless this node is in a mesh or joining one
+/// already (an instance that reboots), prepares it to join with the token. Returns the
+/// bootstrap addresses to dial: none while joining (the token leads to the provisioner; a
+/// non-member dialling members as a bootstrap peer had its redemption of a spent token cut
+/// off instead of refused), the user data's once a member.
+fn enroll(data_dir: &DataDir, path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    use blendnet_cloud::userdata::{MAX_USER_DATA_BYTES, UserData};
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(MAX_USER_DATA_BYTES as u64 + 1)
+                .read_to_string(&mut text)
+        })
+        .with_context(|| format!("reading the user data {}", path.display()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let data = UserData::parse(&text, now).with_context(|| path.display().to_string())?;
+    if crate::node::may_init(data_dir)? {
+        let code = InviteCode::decode(&data.token).context("the user data's token")?;
+        if code.mesh.to_string() != data.mesh {
+            bail!(
+                "the user data's token is for mesh {}, not the mesh it names ({})",
+                code.mesh,
+                data.mesh
+            );
+        }
+        code.check_expiry(now)?;
+        crate::node::join(data_dir, &code)?;
+        eprintln!("enrolling in mesh {}", code.mesh);
+        return Ok(Vec::new());
+    }
+    Ok(data.bootstrap)
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -343,25 +415,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("created mesh; start the node with `blendnet up`");
             println!("{mesh}");
         }
-        Command::Up(args) => {
-            let overrides = Overrides {
-                listen: args.listen,
-                bootstrap: args.bootstrap,
-                api: args.api,
-                no_render: args.no_render,
-                no_mdns: args.no_mdns,
-                psk_file: args.psk_file,
-                blender: args.blender,
-                render_threads: args.render_threads,
-            };
-            let config = Config::load(&data_dir, &overrides)?;
-            if args.init && crate::node::may_init(&data_dir)? {
-                let mesh = crate::node::init(&data_dir)?;
-                eprintln!("created mesh {mesh}");
-            }
-            let _guard = logging::init(&data_dir, &config.log_level, config.max_log_files)?;
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(crate::node::up(data_dir, config))?;
+        Command::Up(args) => up(data_dir, args)?,
+        Command::Enroll(args) => {
+            let mut up_args = args.up;
+            up_args
+                .bootstrap
+                .extend(enroll(&data_dir, &args.user_data)?);
+            up_args.init = false;
+            up(data_dir, up_args)?;
         }
         Command::Invite { ttl, roles } => {
             let ttl_secs = parse_ttl(&ttl)?;
