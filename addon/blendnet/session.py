@@ -155,10 +155,19 @@ class Session:
         return not self._refreshing and time.monotonic() - self._last_refresh >= REFRESH_SECONDS
 
     def _note_progress(self):
-        """Remembers when each job's work advanced, for an ETA."""
+        """Each job's work done, finished tasks and what the peers have rendered of their
+        running ones ("live_units"), and when it advanced, for an ETA."""
         now = time.monotonic()
+        running = {}
+        for peer in self.peers:
+            rendering = peer.get("rendering") or {}
+            if rendering.get("job"):
+                running[rendering["job"]] = (running.get(rendering["job"], 0)
+                                             + rendering.get("samples_done", 0))
         for job in self.jobs:
-            done, total = job.get("done_units", 0), job.get("total_units", 0)
+            total = job.get("total_units", 0)
+            done = min(job.get("done_units", 0) + running.get(job["id"], 0), total)
+            job["live_units"] = done
             first = self.progress.setdefault(job["id"], (now, done))
             if done < first[1]:
                 self.progress[job["id"]] = (now, done)

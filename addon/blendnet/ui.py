@@ -452,7 +452,8 @@ class BLENDNET_PT_jobs(_Panel, bpy.types.Panel):
             layout.label(text="No jobs yet")
         for job in reversed(SESSION.jobs):
             state = status_word(job.get("status"))
-            done, total = job.get("done_units", 0), max(job.get("total_units", 0), 1)
+            done = job.get("live_units", job.get("done_units", 0))
+            total = max(job.get("total_units", 0), 1)
             row = layout.row()
             text = f"{job.get('name', '')} {job['id'][:8]}  {state}  {100 * done // total}%"
             if job.get("eta_secs") is not None and state == "active":
