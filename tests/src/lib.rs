@@ -1185,6 +1185,61 @@ pub fn blender_scene(dir: &Path, name: &str, extra: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Makes an artist's scene with Blender at `path`: Cycles on the CPU, 16 samples, no adaptive
+/// sampling or denoising, 64×48, PNG output to `//render/shot_`; then runs the Python `setup`
+/// on it (the file is saved once before, so relative paths can be made) and saves it.
+pub fn make_scene(path: &Path, setup: &str) -> Result<()> {
+    fs::create_dir_all(path.parent().context("parent")?)?;
+    let script = format!(
+        "import bpy\n\
+         bpy.ops.wm.save_as_mainfile(filepath={path:?})\n\
+         scene = bpy.context.scene\n\
+         scene.render.engine = 'CYCLES'\n\
+         scene.cycles.device = 'CPU'\n\
+         scene.cycles.samples = 16\n\
+         scene.cycles.use_adaptive_sampling = False\n\
+         scene.cycles.use_denoising = False\n\
+         scene.render.resolution_x = 64\n\
+         scene.render.resolution_y = 48\n\
+         scene.render.resolution_percentage = 100\n\
+         scene.render.image_settings.file_format = 'PNG'\n\
+         scene.render.filepath = '//render/shot_'\n\
+         {setup}\n\
+         bpy.ops.wm.save_mainfile()\n",
+        path = path.to_str().context("UTF-8")?
+    );
+    blender_python(None, &script)?;
+    ensure!(path.exists(), "Blender did not save {}", path.display());
+    Ok(())
+}
+
+/// Renders `frames` (`1` or `1..6`) of `scene` the way an artist does, into `dir`; returns the
+/// files by frame.
+pub fn local_render(scene: &Path, dir: &Path, frames: &str) -> Result<Vec<PathBuf>> {
+    let out = Command::new(blender())
+        .arg("-b")
+        .arg(scene)
+        .arg("-o")
+        .arg(dir.join("local_####"))
+        .args(["-f", frames])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("local_"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// Blender 4.2 from the `bpy` wheel, through `tests/bpy-blender/blender`: it has
 /// OpenImageDenoise, which Debian's Blender lacks. `.ci/run` installs the wheel in a venv and
 /// sets `BLENDNET_BPY_PYTHON`; elsewhere `None`, and the tests that need it say they skipped.

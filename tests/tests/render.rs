@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use blendnet_tests::{Node, blender, blender_scene, e2e, eventually, mesh, pixel_difference};
+use blendnet_tests::{
+    Node, blender, blender_scene, e2e, eventually, local_render, mesh, pixel_difference,
+};
 use serde_json::Value;
 
 /// A job on one small scene finishes (or fails) well within this on a loaded 2-core machine.
@@ -244,24 +246,6 @@ fn cancelling_a_job_stops_its_blender_within_seconds() {
     });
 }
 
-/// Renders frame 1 of `scene` the way an artist does (`blender -b scene -o DIR/local_#### -f
-/// 1`); returns the file.
-fn local_render(scene: &Path, dir: &Path) -> Result<PathBuf> {
-    let out = std::process::Command::new(blender())
-        .arg("-b")
-        .arg(scene)
-        .arg("-o")
-        .arg(dir.join("local_####"))
-        .args(["-f", "1"])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(dir.join("local_0001.png"))
-}
-
 #[test]
 fn a_still_sliced_across_three_peers_is_merged_and_lands_in_the_output_folder() {
     e2e(|| {
@@ -346,7 +330,7 @@ fn a_still_sliced_across_three_peers_is_merged_and_lands_in_the_output_folder() 
         // Equal to the local render, up to float summation order: slices of unequal length
         // sum their samples in another order than one render does (so does `_cycles.merge`),
         // which can move a value across an 8-bit rounding boundary, rarely.
-        let local = local_render(&scene, &dir)?;
+        let local = local_render(&scene, &dir, "1")?.remove(0);
         let (worst, differing) = pixel_difference(&frame, &local);
         assert!(worst <= 1.0 + 1e-6, "{worst}/255");
         assert!(

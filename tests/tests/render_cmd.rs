@@ -9,7 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use blendnet_tests::{Node, blender, blender_python, e2e, eventually, mesh, pixel_difference};
+use blendnet_tests::{
+    Node, blender, e2e, eventually, local_render, make_scene, mesh, pixel_difference,
+};
 use serde_json::Value;
 
 /// A small job finishes well within this on a loaded 2-core machine.
@@ -21,60 +23,6 @@ fn three_peers() -> Result<Vec<Node>> {
         &["a", "b", "c"],
         &["--blender", blender.to_str().context("path")?],
     )
-}
-
-/// Runs Blender Python that builds a scene and saves it at `path` (saved once before `setup`
-/// runs, so relative paths can be made).
-fn make_scene(path: &Path, setup: &str) -> Result<()> {
-    fs::create_dir_all(path.parent().context("parent")?)?;
-    let script = format!(
-        "import bpy\n\
-         bpy.ops.wm.save_as_mainfile(filepath={path:?})\n\
-         scene = bpy.context.scene\n\
-         scene.render.engine = 'CYCLES'\n\
-         scene.cycles.device = 'CPU'\n\
-         scene.cycles.samples = 16\n\
-         scene.cycles.use_adaptive_sampling = False\n\
-         scene.cycles.use_denoising = False\n\
-         scene.render.resolution_x = 64\n\
-         scene.render.resolution_y = 48\n\
-         scene.render.resolution_percentage = 100\n\
-         scene.render.image_settings.file_format = 'PNG'\n\
-         scene.render.filepath = '//render/shot_'\n\
-         {setup}\n\
-         bpy.ops.wm.save_mainfile()\n",
-        path = path.to_str().context("UTF-8")?
-    );
-    blender_python(None, &script)?;
-    ensure!(path.exists(), "Blender did not save {}", path.display());
-    Ok(())
-}
-
-/// Renders `frames` (`1` or `1..6`) of `scene` the way an artist does, into `dir`; returns the
-/// files by frame.
-fn local_render(scene: &Path, dir: &Path, frames: &str) -> Result<Vec<PathBuf>> {
-    let out = Command::new(blender())
-        .arg("-b")
-        .arg(scene)
-        .arg("-o")
-        .arg(dir.join("local_####"))
-        .args(["-f", frames])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("local_"))
-        })
-        .collect();
-    files.sort();
-    Ok(files)
 }
 
 /// `blendnet render ... --wait --json` on `node`: the JSON lines it printed, the last one

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use blendnet_tests::{
-    blender, blender_python, blendnet_bin, e2e, eventually, pixel_difference, run_bounded,
+    blender, blendnet_bin, e2e, eventually, local_render, make_scene, pixel_difference, run_bounded,
 };
 use serde_json::Value;
 
@@ -48,31 +48,6 @@ fn tour_lines() -> Result<Vec<String>> {
     }
     ensure!(!lines.is_empty(), "the tour has no shell lines");
     Ok(lines)
-}
-
-/// A scene like an artist's: a PNG output path relative to the scene, enough samples that the
-/// frame is sliced (at most 256: Blender 3.4's default pattern slices exactly there).
-fn make_scene(path: &Path) -> Result<()> {
-    fs::create_dir_all(path.parent().context("parent")?)?;
-    let script = format!(
-        "import bpy\n\
-         scene = bpy.context.scene\n\
-         scene.render.engine = 'CYCLES'\n\
-         scene.cycles.device = 'CPU'\n\
-         scene.cycles.samples = 128\n\
-         scene.cycles.use_adaptive_sampling = False\n\
-         scene.cycles.use_denoising = False\n\
-         scene.render.resolution_x = 160\n\
-         scene.render.resolution_y = 120\n\
-         scene.render.resolution_percentage = 100\n\
-         scene.render.image_settings.file_format = 'PNG'\n\
-         scene.render.filepath = '//render/shot_'\n\
-         bpy.ops.wm.save_as_mainfile(filepath={:?})\n",
-        path.to_str().context("UTF-8")?
-    );
-    blender_python(None, &script)?;
-    ensure!(path.exists(), "Blender did not save {}", path.display());
-    Ok(())
 }
 
 /// The state a reader's shell keeps between lines.
@@ -236,7 +211,14 @@ fn the_readme_tour_renders_a_scene_across_two_local_nodes() {
             .prefix("blendnet-tour-")
             .tempdir()?;
         let scene = root.path().join("projects/shot/shot.blend");
-        make_scene(&scene)?;
+        // Enough samples that the frame is sliced (at most 256: Blender 3.4's default pattern
+        // slices exactly there).
+        make_scene(
+            &scene,
+            "scene.cycles.samples = 128\n\
+             scene.render.resolution_x = 160\n\
+             scene.render.resolution_y = 120",
+        )?;
         let mut shell = Shell {
             bin: blendnet_bin()?,
             blender: blender(),
@@ -282,19 +264,7 @@ fn the_readme_tour_renders_a_scene_across_two_local_nodes() {
             "rendered by {renderers:?}, not by both nodes"
         );
         // And it is the frame `blender -b` renders (to a rounding step of 8-bit PNG).
-        let local = root.path().join("local_0001.png");
-        let out = Command::new(blender())
-            .arg("-b")
-            .arg(&scene)
-            .arg("-o")
-            .arg(root.path().join("local_####"))
-            .args(["-f", "1"])
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let local = local_render(&scene, root.path(), "1")?.remove(0);
         let (worst, _) = pixel_difference(&frame, &local);
         ensure!(worst <= 1.0 + 1e-6, "{worst}/255 from the local render");
         drop(shell);
