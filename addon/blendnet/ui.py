@@ -209,10 +209,11 @@ class _Render:
     animation = False
 
     def invoke(self, context, event):
-        files, missing = collect.collect_files()
+        _, missing = collect.collect_files()
         if missing and not self.allow_missing:
             self._missing = missing
             return context.window_manager.invoke_props_dialog(self, width=600)
+        self._checked = True
         return self.execute(context)
 
     def draw(self, context):
@@ -237,7 +238,7 @@ class _Render:
             self.report({"ERROR"}, "The output path is relative to a file never saved: save the "
                                    "file, or set an absolute output path")
             return {"CANCELLED"}
-        if not self.allow_missing:
+        if not self.allow_missing and not getattr(self, "_checked", False):
             _, missing = collect.collect_files()
             if missing:
                 self.report({"ERROR"}, "Missing files (render anyway to go on without them): "
