@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, ensure};
-use blendnet_tests::{Node, e2e, eventually, has_error_line, string_array};
+use blendnet_tests::{Node, e2e, eventually, has_error_line, make_scene, string_array};
 use serde_json::json;
 
 const ONLINE_WITHIN: Duration = Duration::from_secs(30);
@@ -86,6 +86,93 @@ fn an_instance_enrolls_with_its_user_data_once_and_a_replayed_token_is_refused()
             late.status().is_err(),
             "nothing may run after bad user data"
         );
+        Ok(())
+    });
+}
+
+#[test]
+fn cloud_up_starts_a_local_instance_that_joins_renders_and_goes_with_cloud_down() {
+    e2e(|| {
+        let (mut a, _) = Node::init("provisioner")?;
+        std::fs::write(
+            a.data_dir().join("blendnet.toml"),
+            "[cloud]\nprovider = \"local\"\njoin_timeout = \"5m\"\n\
+             local_args = [\"--listen\", \"/ip4/127.0.0.1/tcp/0\", \"--api\", \"127.0.0.1:0\", \"--no-mdns\"]\n",
+        )?;
+        // The provisioner does not render: whatever renders is the instance.
+        a.up(&["--no-render"])?;
+        let id = a.cli_ok(&["cloud", "up"])?.trim().to_owned();
+        ensure!(id.starts_with("local-"), "cloud up printed {id:?}");
+        let instance_peer = eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
+            let peers = a.peers()?;
+            let peer = peers
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["is_self"] == false && p["online"] == true)
+                .with_context(|| format!("no instance online yet: {peers}"))?;
+            ensure!(
+                peer["roles"] == json!(["render"]) && !peer["capabilities"]["blender"].is_null(),
+                "the instance is not a render peer with Blender: {peer}"
+            );
+            Ok(peer["peer_id"].as_str().context("peer id")?.to_owned())
+        })?;
+        let listed: serde_json::Value =
+            serde_json::from_str(&a.cli_ok(&["cloud", "ls", "--json"])?)?;
+        ensure!(
+            listed.as_array().map(Vec::len) == Some(1)
+                && listed[0]["id"] == id.as_str()
+                && listed[0]["state"] == "running",
+            "cloud ls: {listed}"
+        );
+
+        // A job on a mesh whose only render peer is the instance.
+        let scene = a.data_dir().with_file_name("project").join("shot.blend");
+        make_scene(&scene, "")?;
+        let out = a.cli_ok_within(
+            &[
+                "render",
+                scene.to_str().context("UTF-8")?,
+                "--frames",
+                "1",
+                "--wait",
+                "--json",
+            ],
+            Duration::from_secs(180),
+        )?;
+        let last: serde_json::Value =
+            serde_json::from_str(out.lines().last().context("no output")?)?;
+        ensure!(last["state"] == "done", "the job did not finish: {out}");
+        let job = last["job"].as_str().context("job")?;
+        let view = a.cli_json(&["status", job, "--json"])?;
+        let renderers: std::collections::BTreeSet<&str> = view["tasks"]
+            .as_array()
+            .context("tasks")?
+            .iter()
+            .filter_map(|t| t["results"][0][0].as_str())
+            .collect();
+        ensure!(
+            renderers == [instance_peer.as_str()].into(),
+            "rendered by {renderers:?}, not by the instance {instance_peer}"
+        );
+
+        // Down: terminated, its daemon gone, offline for the mesh.
+        ensure!(a.cli_ok(&["cloud", "down", "--all"])?.trim() == id);
+        let listed: serde_json::Value =
+            serde_json::from_str(&a.cli_ok(&["cloud", "ls", "--json"])?)?;
+        ensure!(listed[0]["state"] == "terminated", "after down: {listed}");
+        eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
+            let peers = a.peers()?;
+            let online = peers
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["peer_id"] == instance_peer.as_str() && p["online"] == true);
+            ensure!(!online, "the instance is still online");
+            Ok(())
+        })?;
+        let err = a.cli_err(&["cloud", "down", "i-not-ours"])?;
+        ensure!(err.contains("not an instance this node started"), "{err}");
         Ok(())
     });
 }

@@ -118,6 +118,9 @@ pub enum Command {
     /// The blob store: add files, fetch them from the mesh, list, collect garbage.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Cloud instances started by hand with the provider of `[cloud]` in blendnet.toml.
+    #[command(subcommand)]
+    Cloud(crate::cloud_cmd::CloudCommand),
     /// Merge partial renders of one frame (sample slices, multilayer EXRs) exactly as Cycles
     /// does; runs locally, no daemon needed.
     Merge(MergeArgs),
@@ -515,6 +518,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Store(command) => store(&data_dir, command)?,
+        Command::Cloud(command) => crate::cloud_cmd::run(&data_dir, command)?,
         Command::Status {
             job: Some(job),
             json,

@@ -44,7 +44,7 @@ pub const DEFAULT_PORT: u16 = 7741;
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// Every key the file may contain, in the order the documentation lists them.
-pub const KEYS: [&str; 11] = [
+pub const KEYS: [&str; 12] = [
     "listen",
     "bootstrap",
     "api",
@@ -56,6 +56,7 @@ pub const KEYS: [&str; 11] = [
     "log_level",
     "max_log_files",
     "store",
+    "cloud",
 ];
 
 /// The node's configuration after the file and the flags are merged.
@@ -102,6 +103,8 @@ pub struct Config {
     /// blobs are evicted least-recently-used first to stay under it. An integer of bytes or a
     /// string such as `"50 GiB"` or `"500MB"`. Default none (bounded by the disk).
     pub store_quota: Option<u64>,
+    /// `[cloud]`: where `blendnet cloud up` starts instances. Default none.
+    pub cloud: Option<CloudConfig>,
     /// The file this configuration was read from (or would have been, when missing).
     #[serde(skip)]
     file: PathBuf,
@@ -127,10 +130,51 @@ impl Default for Config {
             log_level: "info".to_owned(),
             max_log_files: 7,
             store_quota: None,
+            cloud: None,
             file: PathBuf::new(),
             from_flags: BTreeSet::new(),
         }
     }
+}
+
+/// The `[cloud]` table: the provider instances are started with (`blendnet cloud up`).
+///
+/// ```toml
+/// [cloud]
+/// provider = "local"            # or "aws"
+/// instance_type = "local"       # default: the provider's first
+/// spot = true
+/// join_timeout = "15m"          # an instance's token is worthless after this
+/// local_root = "instances"      # local: where instances live, relative to the data dir
+/// local_args = ["--no-mdns"]    # local: more flags for `blendnet enroll`
+/// aws_region = "us-east-1"      # aws: keys from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+/// aws_image_id = "ami-..."      #      (and AWS_SESSION_TOKEN)
+/// # aws_endpoint_url = "http://127.0.0.1:5000"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    pub provider: String,
+    #[serde(default)]
+    pub instance_type: Option<String>,
+    #[serde(default = "yes")]
+    pub spot: bool,
+    #[serde(default)]
+    pub join_timeout: Option<String>,
+    #[serde(default)]
+    pub local_root: Option<PathBuf>,
+    #[serde(default)]
+    pub local_args: Vec<String>,
+    #[serde(default)]
+    pub aws_region: Option<String>,
+    #[serde(default)]
+    pub aws_image_id: Option<String>,
+    #[serde(default)]
+    pub aws_endpoint_url: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Command-line values that override the file. `None`, `false` and empty lists mean "flag not
@@ -289,6 +333,22 @@ impl Config {
                             }
                         }
                     }
+                }
+                "cloud" => {
+                    let mut cloud: CloudConfig = field.parse(value)?;
+                    if !matches!(cloud.provider.as_str(), "local" | "aws") {
+                        return Err(field.invalid(format!(
+                            "provider {:?} is not one of \"local\", \"aws\"",
+                            cloud.provider
+                        )));
+                    }
+                    if let Some(ttl) = &cloud.join_timeout {
+                        crate::cli::parse_ttl(ttl)
+                            .map_err(|e| field.invalid(format!("join_timeout: {e}")))?;
+                    }
+                    cloud.local_root =
+                        Some(base.join(cloud.local_root.unwrap_or_else(|| "instances".into())));
+                    config.cloud = Some(cloud);
                 }
                 _ => {
                     return Err(ConfigError::UnknownKey {

@@ -15,6 +15,7 @@ pub mod board;
 pub mod capabilities;
 pub mod cli;
 pub mod client;
+pub mod cloud_cmd;
 pub mod config;
 pub mod data_dir;
 pub mod deliver;
