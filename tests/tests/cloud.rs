@@ -8,6 +8,15 @@ use serde_json::json;
 
 const ONLINE_WITHIN: Duration = Duration::from_secs(30);
 
+/// Writes `user_data` beside `node`'s data dir; the arguments of `blendnet enroll` with it.
+fn enroll_args(node: &Node, user_data: &str) -> anyhow::Result<Vec<String>> {
+    let file = node.data_dir().with_file_name("user-data");
+    std::fs::write(&file, user_data)?;
+    let mut args = Node::default_up_args();
+    args.extend(["--user-data".to_string(), file.display().to_string()]);
+    Ok(args)
+}
+
 #[test]
 fn an_instance_enrolls_with_its_user_data_once_and_a_replayed_token_is_refused() {
     e2e(|| {
@@ -26,10 +35,7 @@ fn an_instance_enrolls_with_its_user_data_once_and_a_replayed_token_is_refused()
         .to_string();
 
         let mut instance = Node::new("instance")?;
-        let file = instance.data_dir().with_file_name("user-data");
-        std::fs::write(&file, &user_data)?;
-        let mut args = Node::default_up_args();
-        args.extend(["--user-data".to_string(), file.display().to_string()]);
+        let args = enroll_args(&instance, &user_data)?;
         instance.start_command("enroll", &args)?;
         instance.wait_api(ONLINE_WITHIN)?;
         eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
@@ -51,11 +57,7 @@ fn an_instance_enrolls_with_its_user_data_once_and_a_replayed_token_is_refused()
 
         // The same user data on another machine: the token was spent.
         let mut copy = Node::new("copy")?;
-        let file = copy.data_dir().with_file_name("user-data");
-        std::fs::write(&file, &user_data)?;
-        let mut args = Node::default_up_args();
-        args.extend(["--user-data".to_string(), file.display().to_string()]);
-        copy.start_command("enroll", &args)?;
+        copy.start_command("enroll", &enroll_args(&copy, &user_data)?)?;
         let status = copy.wait_exit(ONLINE_WITHIN)?;
         let stderr = copy.stderr()?;
         ensure!(
