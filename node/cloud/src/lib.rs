@@ -1,8 +1,9 @@
 //! Cloud peers (DESIGN §9): machines a provisioning peer starts when the mesh has more work than
 //! it can render soon, and stops when they sit idle.
 //!
-//! - [`Provider`]: one interface over AWS, GCP and `local` (daemons started on this machine as
-//!   if they were instances: for trying BlendNet without a cloud, and for tests).
+//! - [`Provider`]: one interface over AWS ([`aws`]), GCP ([`gcp`]) and `local` (daemons started
+//!   on this machine as if they were instances: for trying BlendNet without a cloud, and for
+//!   tests).
 //! - [`policy`]: the pure scaling decision: how many instances to start, which to terminate.
 //! - [`userdata`]: what an instance is told at boot (bootstrap addresses, the provisioner's key,
 //!   a one-time enrollment token).
@@ -16,6 +17,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub mod aws;
+pub mod gcp;
 pub mod local;
 pub mod policy;
 pub mod userdata;
