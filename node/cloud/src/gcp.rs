@@ -79,8 +79,12 @@ pub const DEFAULT_BOOTSTRAP_COMMAND: &str = "/usr/local/lib/blendnet/blendnet-bo
 /// Attempts per API call: throttling (429) and server errors are retried with backoff; more
 /// would only delay a provisioner that can try another type.
 pub const MAX_ATTEMPTS: u32 = 3;
-/// Time for one attempt of one call (connect, send, read the whole answer).
+/// Time for one attempt of one call (connect, send, read the whole answer), and for getting an
+/// access token (`gcp_auth` sets no time limit of its own).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time for one `operations.wait`: Compute Engine answers it when the operation is done or after
+/// about two minutes, whichever comes first.
+pub const WAIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(150);
 /// Longest wait for an insert's operation: an instance is usually created in under a minute.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(300);
 /// First pause before a retry; doubled each time.
@@ -653,7 +657,14 @@ impl GcpProvider {
     }
 
     async fn token(&self) -> Result<String, CloudError> {
-        match self.auth.token(&[SCOPE]).await {
+        let token = tokio::time::timeout(ATTEMPT_TIMEOUT, self.auth.token(&[SCOPE]))
+            .await
+            .map_err(|_| {
+                CloudError::Io(format!(
+                    "the GCP token endpoint did not answer within {ATTEMPT_TIMEOUT:?}"
+                ))
+            })?;
+        match token {
             Ok(token) => Ok(token.as_str().to_owned()),
             Err(e @ gcp_auth::Error::Other(..)) => Err(CloudError::Io(format!(
                 "cannot reach the GCP token endpoint: {}",
@@ -689,7 +700,12 @@ impl GcpProvider {
             let request = request
                 .body(Full::new(body.clone().unwrap_or_default()))
                 .map_err(|e| CloudError::BadRequest(format!("bad request URL {url}: {e}")))?;
-            let result = tokio::time::timeout(ATTEMPT_TIMEOUT, async {
+            let limit = if url.ends_with("/wait") {
+                WAIT_ATTEMPT_TIMEOUT
+            } else {
+                ATTEMPT_TIMEOUT
+            };
+            let result = tokio::time::timeout(limit, async {
                 let response = self.http.request(request).await.map_err(|e| {
                     CloudError::Io(format!("cannot reach {url}: {}", error_chain(&e)))
                 })?;
@@ -704,7 +720,7 @@ impl GcpProvider {
             .await
             .unwrap_or_else(|_| {
                 Err(CloudError::Io(format!(
-                    "{url} did not answer within {ATTEMPT_TIMEOUT:?}"
+                    "{url} did not answer within {limit:?}"
                 )))
             });
             let retry = match &result {
