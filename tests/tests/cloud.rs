@@ -178,3 +178,93 @@ fn cloud_up_starts_a_local_instance_that_joins_renders_and_goes_with_cloud_down(
         Ok(())
     });
 }
+
+#[test]
+fn pending_work_starts_instances_that_render_it_and_are_terminated_when_idle() {
+    e2e(|| {
+        let (mut a, _) = Node::init("provisioner")?;
+        std::fs::write(
+            a.data_dir().join("blendnet.toml"),
+            "[cloud]\nprovider = \"local\"\njoin_timeout = \"5m\"\nmax_instances = 2\n\
+             idle_grace = \"4s\"\n\
+             local_args = [\"--listen\", \"/ip4/127.0.0.1/tcp/0\", \"--api\", \"127.0.0.1:0\", \"--no-mdns\"]\n",
+        )?;
+        // The provisioner does not render: the mesh has no render peer until it starts one.
+        a.up(&["--no-render"])?;
+        let instances = |a: &Node| -> anyhow::Result<Vec<serde_json::Value>> {
+            let listed: serde_json::Value =
+                serde_json::from_str(&a.cli_ok(&["cloud", "ls", "--json"])?)?;
+            Ok(listed.as_array().cloned().unwrap_or_default())
+        };
+        // No work, no instance (a few of the provisioner's ticks).
+        std::thread::sleep(Duration::from_secs(5));
+        ensure!(instances(&a)?.is_empty(), "started instances without work");
+
+        let scene = a.data_dir().with_file_name("project").join("shot.blend");
+        make_scene(&scene, "")?;
+        let out = a.cli_ok_within(
+            &[
+                "render",
+                scene.to_str().context("UTF-8")?,
+                "--frames",
+                "1",
+                "--wait",
+                "--json",
+            ],
+            Duration::from_secs(240),
+        )?;
+        let last: serde_json::Value =
+            serde_json::from_str(out.lines().last().context("no output")?)?;
+        ensure!(last["state"] == "done", "the job did not finish: {out}");
+        let started = instances(&a)?;
+        ensure!(
+            (1..=2).contains(&started.len()),
+            "expected 1 or 2 instances (max_instances = 2): {started:?}"
+        );
+        let job = last["job"].as_str().context("job")?;
+        let view = a.cli_json(&["status", job, "--json"])?;
+        let me = a.peer_id()?;
+        let renderers: std::collections::BTreeSet<String> = view["tasks"]
+            .as_array()
+            .context("tasks")?
+            .iter()
+            .filter_map(|t| t["results"][0][0].as_str().map(str::to_owned))
+            .collect();
+        ensure!(
+            !renderers.is_empty() && !renderers.contains(&me),
+            "rendered by {renderers:?}: the instances render, not the provisioner"
+        );
+
+        // Idle for the grace: terminated, and their peers revoked from the mesh.
+        eventually(Duration::from_secs(40), Duration::from_millis(500), || {
+            let listed = instances(&a)?;
+            ensure!(
+                listed.iter().all(|i| i["state"] == "terminated"),
+                "still alive: {listed:?}"
+            );
+            Ok(())
+        })
+        .context("idle instances were not terminated")?;
+        eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
+            let peers = a.peers()?;
+            let left: Vec<&serde_json::Value> = peers
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| renderers.contains(p["peer_id"].as_str().unwrap_or_default()))
+                .collect();
+            ensure!(
+                left.is_empty(),
+                "terminated instances are still members: {left:?}"
+            );
+            Ok(())
+        })?;
+        // Nothing more starts once the work is done.
+        std::thread::sleep(Duration::from_secs(5));
+        ensure!(
+            instances(&a)?.len() == started.len(),
+            "started more instances after the work was done"
+        );
+        Ok(())
+    });
+}

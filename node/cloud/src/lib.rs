@@ -26,6 +26,9 @@ pub mod userdata;
 pub const TAG_MESH: &str = "blendnet-mesh";
 /// Tag naming the peer that started an instance (its peer id).
 pub const TAG_PROVISIONER: &str = "blendnet-provisioner";
+/// Tag naming the invite an instance enrolls with (a hash of its token, not the token): the
+/// provisioner learns which peer an instance became from who redeemed that invite.
+pub const TAG_INVITE: &str = "blendnet-invite";
 
 /// A kind of machine a provider can start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,4 +152,25 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
         instance_type: &'a str,
         spot: bool,
     ) -> BoxFuture<'a, Result<Vec<Price>, CloudError>>;
+}
+
+/// Launches the first of `specs` that has capacity: a [`CloudError::Capacity`] answer moves on
+/// to the next spec (another instance type or zone); any other error stops at once, since
+/// another type would fail the same way (credentials, quota, a bad request). When every spec
+/// lacks capacity, the last capacity error is returned.
+pub async fn launch_first(
+    provider: &dyn Provider,
+    specs: &[LaunchSpec],
+) -> Result<Instance, CloudError> {
+    let mut last = CloudError::BadRequest("no instance type to launch".into());
+    for spec in specs {
+        match provider.launch(spec).await {
+            Err(e) if e.is_capacity() => {
+                tracing::info!(instance_type = %spec.instance_type, zone = ?spec.zone, error = %e, "no capacity; trying the next");
+                last = e;
+            }
+            other => return other,
+        }
+    }
+    Err(last)
 }

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use aws_sdk_ec2::types::{Filter, InstanceLifecycleType, IpPermission, IpRange};
 use blendnet_cloud::aws::{AwsConfig, AwsProvider, DEFAULT_PEER_PORT};
 use blendnet_cloud::local::tags;
-use blendnet_cloud::{CloudError, InstanceState, LaunchSpec, Provider, TAG_MESH, TAG_PROVISIONER};
+use blendnet_cloud::{
+    CloudError, InstanceState, LaunchSpec, Provider, TAG_MESH, TAG_PROVISIONER, launch_first,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -622,34 +624,49 @@ async fn capacity_answers_let_a_caller_fall_through_and_are_not_retried() {
         "a capacity answer is not retried"
     );
 
-    // What the provisioner will do: the next type on a capacity error.
-    let mut launched = None;
-    for instance_type in ["c7a.16xlarge", "c5a.16xlarge"] {
-        match provider
-            .launch(&spec(mesh, instance_type, Some("us-east-1a"), true))
-            .await
-        {
-            Err(e) if e.is_capacity() => continue,
-            other => {
-                launched = Some(other.unwrap());
-                break;
-            }
-        }
-    }
+    // What the provisioner does: the next type or zone on a capacity error.
+    let launched = launch_first(
+        &provider,
+        &[
+            spec(mesh, "c7a.16xlarge", Some("us-east-1a"), true),
+            spec(mesh, "c5a.16xlarge", Some("us-east-1a"), true),
+        ],
+    )
+    .await;
     let launched = launched.unwrap();
     assert_eq!(launched.instance_type, "c5a.16xlarge");
     assert_eq!(provider.list(TAG_MESH, mesh).await.unwrap().len(), 1);
 
-    // A quota stops the fall-through.
-    let err = provider
-        .launch(&spec(mesh, "c6a.16xlarge", None, true))
-        .await
-        .unwrap_err();
+    // A quota stops the fall-through: the next type is not tried.
+    let err = launch_first(
+        &provider,
+        &[
+            spec(mesh, "c6a.16xlarge", None, true),
+            spec(mesh, "c5a.16xlarge", None, true),
+        ],
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(&err, CloudError::Quota(m) if m.contains("VcpuLimitExceeded")),
         "{err:?}"
     );
     assert!(!err.is_capacity());
+    assert_eq!(provider.list(TAG_MESH, mesh).await.unwrap().len(), 1);
+    // With no capacity anywhere, the last capacity error comes back.
+    let err = launch_first(
+        &provider,
+        &[
+            spec(mesh, "c7a.16xlarge", Some("us-east-1a"), true),
+            spec(mesh, "c7a.16xlarge", Some("us-east-1b"), true),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, CloudError::Capacity { zone, .. } if zone == "us-east-1b"),
+        "{err:?}"
+    );
     // Other server errors are retried by the SDK (three attempts), then reported with their code.
     let err = provider
         .launch(&spec(mesh, "m7a.16xlarge", None, true))

@@ -312,6 +312,9 @@ pub struct JobSummary {
     /// Some slice's samples are not exactly a single render's (see `TaskStats::inexact`): the
     /// merged frame will be statistically, not exactly, equal to a local render.
     pub inexact: bool,
+    /// Render milliseconds per frame-sample measured so far on one worker (averaged over the
+    /// workers, whatever their cores), once anything is measured.
+    pub ms_per_unit: Option<f64>,
 }
 
 /// One frame's progress.
@@ -1242,6 +1245,7 @@ fn summary(entry: &Entry) -> JobSummary {
             .tasks()
             .values()
             .any(|t| t.reports().any(|r| r.stats.inexact)),
+        ms_per_unit: job.speed(None).ms_per_unit(),
     }
 }
 

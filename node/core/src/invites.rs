@@ -12,6 +12,13 @@ use std::collections::BTreeMap;
 /// precise refusal ("expired", "already used") rather than "unknown".
 pub const FORGET_AFTER_SECS: u64 = 7 * 24 * 3600;
 
+/// A public name for an invite's token: the first 16 hex digits of its BLAKE3 hash. A cloud
+/// instance carries it as a tag, so its provisioner learns which peer the instance became
+/// (the one that redeemed the token) without the token itself being readable from the tag.
+pub fn token_tag(token: &Token) -> String {
+    blake3::hash(&token.0).to_hex()[..16].to_owned()
+}
+
 /// One invite.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invite {
@@ -85,6 +92,14 @@ impl Invites {
             .retain(|_, i| now <= i.expires_at.saturating_add(FORGET_AFTER_SECS));
     }
 
+    /// The peer that redeemed the invite whose token hashes to `tag` (see [`token_tag`]).
+    pub fn redeemed_by_tag(&self, tag: &str) -> Option<PeerId> {
+        self.invites
+            .iter()
+            .find(|(token, _)| token_tag(token) == tag)
+            .and_then(|(_, invite)| invite.used_by)
+    }
+
     /// How many invites are remembered.
     pub fn len(&self) -> usize {
         self.invites.len()
@@ -116,6 +131,21 @@ mod tests {
             back.redeem(&Token([7; 16]), PeerId::random(), 2),
             Err(Refusal::AlreadyUsed)
         );
+    }
+
+    #[test]
+    fn the_redeemer_of_a_tagged_invite_is_found_by_its_tag() {
+        let mut inv = Invites::default();
+        let (t1, t2) = (Token([1; 16]), Token([2; 16]));
+        inv.issue(t1, Roles::default_member(), 100);
+        inv.issue(t2, Roles::default_member(), 100);
+        let a = PeerId::random();
+        inv.redeem(&t2, a, 1).unwrap();
+        assert_ne!(token_tag(&t1), token_tag(&t2));
+        assert_eq!(token_tag(&t1).len(), 16);
+        assert_eq!(inv.redeemed_by_tag(&token_tag(&t2)), Some(a));
+        assert_eq!(inv.redeemed_by_tag(&token_tag(&t1)), None);
+        assert_eq!(inv.redeemed_by_tag("0000000000000000"), None);
     }
 
     #[test]

@@ -23,6 +23,6 @@ pub use board::{
     Action, Board, BoardConfig, BoardError, CancelError, Counters, DropReason, Input, JobDigest,
     JobSummary, JobView, Member, StopReason, SubmitError,
 };
-pub use invites::{Invite, Invites};
+pub use invites::{Invite, Invites, token_tag};
 pub use job::{Job, JobStatus, TaskState};
 pub use roster::{Roster, RosterError, Unauthorized};

@@ -12,16 +12,14 @@ use std::collections::BTreeMap;
 use anyhow::{Context, bail};
 use blendnet_cloud::aws::{AwsConfig, AwsProvider};
 use blendnet_cloud::local::LocalProvider;
-use blendnet_cloud::userdata::{USER_DATA_VERSION, UserData};
-use blendnet_cloud::{Instance, LaunchSpec, Provider, TAG_MESH, TAG_PROVISIONER};
+use blendnet_cloud::{Instance, Provider, TAG_PROVISIONER, launch_first};
+use blendnet_proto::InviteCode;
 
-use crate::api::InviteRequest;
+use crate::api::{InviteRequest, StatusView};
 use crate::client::Client;
 use crate::config::{CloudConfig, Config, Overrides};
 use crate::data_dir::DataDir;
-
-/// How long an instance's token stays valid when `join_timeout` is not set.
-const DEFAULT_JOIN_TIMEOUT_SECS: u64 = 15 * 60;
+use crate::provision;
 
 /// `blendnet cloud`'s subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -67,8 +65,7 @@ pub fn run(data_dir: &DataDir, command: CloudCommand) -> anyhow::Result<()> {
     match command {
         CloudCommand::Up { count } => {
             for _ in 0..count {
-                let user_data = user_data(&client, &cloud)?;
-                let instance = runtime.block_on(launch(&*provider, &cloud, &status, user_data))?;
+                let instance = runtime.block_on(launch(&*provider, &cloud, &client, &status))?;
                 println!("{}", instance.id);
             }
         }
@@ -159,65 +156,23 @@ pub fn provider(cloud: &CloudConfig) -> anyhow::Result<Box<dyn Provider>> {
     })
 }
 
-/// User data for one new instance: this node's mesh and addresses and a fresh one-time token.
-fn user_data(client: &Client, cloud: &CloudConfig) -> anyhow::Result<UserData> {
-    let ttl_secs = match &cloud.join_timeout {
-        Some(ttl) => crate::cli::parse_ttl(ttl)?,
-        None => DEFAULT_JOIN_TIMEOUT_SECS,
-    };
-    let status = client.status()?;
-    let mesh = status
-        .mesh_id
-        .clone()
-        .context("this node is in no mesh yet")?;
-    let invite = client.invite(&InviteRequest {
-        ttl_secs,
-        roles: vec!["render".into()],
-    })?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Ok(UserData {
-        version: USER_DATA_VERSION,
-        mesh,
-        bootstrap: status
-            .listen_addrs
-            .iter()
-            .filter(|a| a.contains("/p2p/"))
-            .cloned()
-            .collect(),
-        provisioner: status.peer_id.clone(),
-        token: invite.code,
-        expires_at: now + ttl_secs,
-    })
-}
-
-/// Starts one instance with `user_data`, tagged as this node's.
+/// Starts one instance with a fresh one-time `render` invite that lasts the `join_timeout`.
 async fn launch(
     provider: &dyn Provider,
     cloud: &CloudConfig,
-    status: &crate::api::StatusView,
-    user_data: UserData,
+    client: &Client,
+    status: &StatusView,
 ) -> anyhow::Result<Instance> {
-    let instance_type = match &cloud.instance_type {
-        Some(t) => t.clone(),
-        None => provider
-            .instance_types()
-            .await?
-            .first()
-            .map(|t| t.name.clone())
-            .context("the provider offers no instance type")?,
+    let invite = client.invite(&InviteRequest {
+        ttl_secs: cloud.limits().join_timeout_secs,
+        roles: vec!["render".into()],
+    })?;
+    let code = InviteCode::decode(&invite.code).context("the daemon's invite is unreadable")?;
+    let user_data = provision::user_data(status, &code)?;
+    let types = match cloud.instance_type {
+        Some(_) => Vec::new(),
+        None => provider.instance_types().await?,
     };
-    let spec = LaunchSpec {
-        instance_type,
-        zone: None,
-        user_data: user_data.encode(),
-        tags: [
-            (TAG_MESH.to_owned(), user_data.mesh.clone()),
-            (TAG_PROVISIONER.to_owned(), status.peer_id.clone()),
-        ]
-        .into(),
-        spot: cloud.spot,
-    };
-    Ok(provider.launch(&spec).await?)
+    let specs = provision::launch_specs(cloud, &types, &user_data, &code);
+    Ok(launch_first(provider, &specs).await?)
 }

@@ -60,7 +60,7 @@ pub const KEYS: [&str; 12] = [
 ];
 
 /// The node's configuration after the file and the flags are merged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `listen`: multiaddresses to listen on for other peers.
@@ -137,21 +137,29 @@ impl Default for Config {
     }
 }
 
-/// The `[cloud]` table: the provider instances are started with (`blendnet cloud up`).
+/// The `[cloud]` table: the provider instances are started with, by hand (`blendnet cloud up`)
+/// and, when `max_instances` is above 0, by this node's provisioner whenever the mesh has more
+/// work than its render peers finish within the `horizon`.
 ///
 /// ```toml
 /// [cloud]
 /// provider = "local"            # or "aws"
-/// instance_type = "local"       # default: the provider's first
+/// instance_type = "local"       # default: the provider's types, cheapest per core first
 /// spot = true
-/// join_timeout = "15m"          # an instance's token is worthless after this
+/// join_timeout = "15m"          # an instance's token is worthless after this, and an
+///                               # instance that has not joined by then is terminated
+/// max_instances = 4             # most instances the provisioner keeps; 0 (the default):
+///                               # none are started by themselves
+/// idle_grace = "5m"             # an instance without a task this long is terminated
+/// horizon = "10m"               # start enough to finish the pending work within this
+/// budget_per_hour = 2.0         # US dollars: the instances alive at once never cost more
 /// local_root = "instances"      # local: where instances live, relative to the data dir
 /// local_args = ["--no-mdns"]    # local: more flags for `blendnet enroll`
 /// aws_region = "us-east-1"      # aws: keys from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 /// aws_image_id = "ami-..."      #      (and AWS_SESSION_TOKEN)
 /// # aws_endpoint_url = "http://127.0.0.1:5000"
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudConfig {
     pub provider: String,
@@ -162,6 +170,14 @@ pub struct CloudConfig {
     #[serde(default)]
     pub join_timeout: Option<String>,
     #[serde(default)]
+    pub max_instances: u32,
+    #[serde(default)]
+    pub idle_grace: Option<String>,
+    #[serde(default)]
+    pub horizon: Option<String>,
+    #[serde(default)]
+    pub budget_per_hour: Option<f64>,
+    #[serde(default)]
     pub local_root: Option<PathBuf>,
     #[serde(default)]
     pub local_args: Vec<String>,
@@ -171,6 +187,27 @@ pub struct CloudConfig {
     pub aws_image_id: Option<String>,
     #[serde(default)]
     pub aws_endpoint_url: Option<String>,
+}
+
+impl CloudConfig {
+    /// The provisioner's limits from the table (durations were checked when it was read).
+    pub fn limits(&self) -> blendnet_cloud::policy::Limits {
+        let defaults = blendnet_cloud::policy::Limits::default();
+        let secs = |text: &Option<String>, default: u64| {
+            text.as_deref()
+                .and_then(|t| crate::cli::parse_ttl(t).ok())
+                .unwrap_or(default)
+        };
+        blendnet_cloud::policy::Limits {
+            max_instances: self.max_instances,
+            idle_grace_secs: secs(&self.idle_grace, defaults.idle_grace_secs),
+            join_timeout_secs: secs(&self.join_timeout, defaults.join_timeout_secs),
+            horizon_secs: secs(&self.horizon, defaults.horizon_secs),
+            budget_left: self.budget_per_hour.map(|per_hour| {
+                per_hour * secs(&self.horizon, defaults.horizon_secs) as f64 / 3600.0
+            }),
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -342,9 +379,22 @@ impl Config {
                             cloud.provider
                         )));
                     }
-                    if let Some(ttl) = &cloud.join_timeout {
-                        crate::cli::parse_ttl(ttl)
-                            .map_err(|e| field.invalid(format!("join_timeout: {e}")))?;
+                    for (name, ttl) in [
+                        ("join_timeout", &cloud.join_timeout),
+                        ("idle_grace", &cloud.idle_grace),
+                        ("horizon", &cloud.horizon),
+                    ] {
+                        if let Some(ttl) = ttl {
+                            crate::cli::parse_ttl(ttl)
+                                .map_err(|e| field.invalid(format!("{name}: {e}")))?;
+                        }
+                    }
+                    if let Some(budget) = cloud.budget_per_hour
+                        && !(budget.is_finite() && budget >= 0.0)
+                    {
+                        return Err(field.invalid(format!(
+                            "budget_per_hour: {budget} is not an amount of US dollars (0 or more)"
+                        )));
                     }
                     cloud.local_root =
                         Some(base.join(cloud.local_root.unwrap_or_else(|| "instances".into())));

@@ -23,6 +23,7 @@ pub mod demo;
 pub mod logging;
 pub mod node;
 pub mod preview;
+pub mod provision;
 pub mod render;
 pub mod render_cmd;
 pub mod state;

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::data_dir::{DataDir, ReadSecretError, SECRET_MODE, read_secret, write_atomic};
 use crate::deliver;
 use crate::preview;
+use crate::provision::Provisioner;
 use crate::render::{Render, RenderMessage};
 use crate::state::State;
 use anyhow::{Context, anyhow, bail};
@@ -264,6 +265,8 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         },
     };
     let invites: Invites = state.get(KEY_INVITES)?.unwrap_or_default();
+    // The provisioner learns from the invites which peer each of its instances became.
+    let (invites_tx, invites_rx) = watch::channel(invites.clone());
     let known_addrs = state
         .all_peers::<Vec<String>>()?
         .into_iter()
@@ -423,6 +426,18 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
     }
     let _blob_server = blobs.spawn_server().context("serving blobs")?;
 
+    if let Some(cloud) = config.cloud.as_ref().filter(|c| c.max_instances > 0) {
+        let provider = crate::cloud_cmd::provider(cloud)?;
+        let provisioner = Provisioner::new(
+            provider,
+            cloud.clone(),
+            net.clone(),
+            board.clone(),
+            invites_rx,
+        );
+        tokio::spawn(provisioner.run(stop_rx.clone()));
+    }
+
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .with_context(|| format!("binding the API to {}", config.api))?;
@@ -453,7 +468,12 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
                 Some(Event::JoinFailed(failure)) => {
                     break Err(anyhow!("could not join the mesh: {failure}"));
                 }
-                Some(event) => persist(&state, event),
+                Some(event) => {
+                    if let Event::InvitesChanged(invites) = &event {
+                        invites_tx.send_replace(invites.clone());
+                    }
+                    persist(&state, event)
+                }
                 None => break Err(anyhow!("the network actor stopped unexpectedly")),
             },
         }
