@@ -8,9 +8,11 @@
 //! on those, so nothing this node started is lost track of.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use blendnet_cloud::aws::{AwsConfig, AwsProvider};
+use blendnet_cloud::gcp::{GcpConfig, GcpProvider};
 use blendnet_cloud::local::LocalProvider;
 use blendnet_cloud::{Instance, Provider, TAG_PROVISIONER, launch_first};
 use blendnet_proto::InviteCode;
@@ -51,8 +53,8 @@ pub fn run(data_dir: &DataDir, command: CloudCommand) -> anyhow::Result<()> {
     let config = Config::load(data_dir, &Overrides::default())?;
     let Some(cloud) = config.cloud else {
         bail!(
-            "no [cloud] table in {}: say which provider starts instances (provider = \"local\" \
-             or \"aws\")",
+            "no [cloud] table in {}: say which provider starts instances (provider = \"local\", \
+             \"aws\" or \"gcp\")",
             data_dir.config().display()
         );
     };
@@ -151,6 +153,39 @@ pub fn provider(cloud: &CloudConfig) -> anyhow::Result<Box<dyn Provider>> {
                 on_demand_prices: BTreeMap::new(),
                 peer_port: crate::config::DEFAULT_PORT,
             }))
+        }
+        "gcp" => {
+            let credentials = match &cloud.gcp_credentials {
+                Some(path) => path.clone(),
+                None => std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS")
+                    .map(PathBuf::from)
+                    .context(
+                        "the gcp provider needs a service-account key file: set [cloud] \
+                         gcp_credentials or GOOGLE_APPLICATION_CREDENTIALS",
+                    )?,
+            };
+            let mut config = GcpConfig::new(
+                cloud
+                    .gcp_project
+                    .clone()
+                    .context("[cloud] gcp_project is not set")?,
+                cloud.gcp_zones.clone(),
+                credentials,
+                cloud
+                    .gcp_image
+                    .clone()
+                    .context("[cloud] gcp_image is not set")?,
+            );
+            config.instance_types = cloud.instance_type.iter().cloned().collect();
+            config.compute_endpoint = cloud.gcp_endpoint_url.clone();
+            config.billing_endpoint = cloud.gcp_billing_url.clone();
+            config.token_uri = cloud.gcp_token_uri.clone();
+            config.max_run_duration_secs = cloud
+                .gcp_max_run_duration
+                .as_deref()
+                .map(crate::cli::parse_ttl)
+                .transpose()?;
+            Box::new(GcpProvider::new(config)?)
         }
         other => bail!("unknown cloud provider {other:?}"),
     })

@@ -143,7 +143,7 @@ impl Default for Config {
 ///
 /// ```toml
 /// [cloud]
-/// provider = "local"            # or "aws"
+/// provider = "local"            # or "aws", "gcp"
 /// instance_type = "local"       # default: the provider's types, cheapest per core first
 /// spot = true
 /// join_timeout = "15m"          # an instance's token is worthless after this, and an
@@ -158,6 +158,12 @@ impl Default for Config {
 /// aws_region = "us-east-1"      # aws: keys from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 /// aws_image_id = "ami-..."      #      (and AWS_SESSION_TOKEN)
 /// # aws_endpoint_url = "http://127.0.0.1:5000"
+/// gcp_project = "my-project"    # gcp: a service-account key file from gcp_credentials or
+/// gcp_zones = ["us-central1-a"] #      GOOGLE_APPLICATION_CREDENTIALS
+/// gcp_image = "projects/debian-cloud/global/images/family/debian-12"
+/// gcp_max_run_duration = "12h"  #      Compute Engine deletes an instance after this, whatever
+///                               #      happens to this node
+/// # gcp_endpoint_url, gcp_billing_url, gcp_token_uri: other API roots (tests)
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -187,6 +193,22 @@ pub struct CloudConfig {
     pub aws_image_id: Option<String>,
     #[serde(default)]
     pub aws_endpoint_url: Option<String>,
+    #[serde(default)]
+    pub gcp_project: Option<String>,
+    #[serde(default)]
+    pub gcp_zones: Vec<String>,
+    #[serde(default)]
+    pub gcp_credentials: Option<PathBuf>,
+    #[serde(default)]
+    pub gcp_image: Option<String>,
+    #[serde(default)]
+    pub gcp_max_run_duration: Option<String>,
+    #[serde(default)]
+    pub gcp_endpoint_url: Option<String>,
+    #[serde(default)]
+    pub gcp_billing_url: Option<String>,
+    #[serde(default)]
+    pub gcp_token_uri: Option<String>,
 }
 
 impl CloudConfig {
@@ -373,9 +395,9 @@ impl Config {
                 }
                 "cloud" => {
                     let mut cloud: CloudConfig = field.parse(value)?;
-                    if !matches!(cloud.provider.as_str(), "local" | "aws") {
+                    if !matches!(cloud.provider.as_str(), "local" | "aws" | "gcp") {
                         return Err(field.invalid(format!(
-                            "provider {:?} is not one of \"local\", \"aws\"",
+                            "provider {:?} is not one of \"local\", \"aws\", \"gcp\"",
                             cloud.provider
                         )));
                     }
@@ -383,6 +405,7 @@ impl Config {
                         ("join_timeout", &cloud.join_timeout),
                         ("idle_grace", &cloud.idle_grace),
                         ("horizon", &cloud.horizon),
+                        ("gcp_max_run_duration", &cloud.gcp_max_run_duration),
                     ] {
                         if let Some(ttl) = ttl {
                             crate::cli::parse_ttl(ttl)
@@ -398,6 +421,7 @@ impl Config {
                     }
                     cloud.local_root =
                         Some(base.join(cloud.local_root.unwrap_or_else(|| "instances".into())));
+                    cloud.gcp_credentials = cloud.gcp_credentials.map(|p| base.join(p));
                     config.cloud = Some(cloud);
                 }
                 _ => {
@@ -688,6 +712,44 @@ mod tests {
         assert!(msg.contains("`store.quota`"), "{msg}");
         let (_, msg, _, _tmp) = load_err("[store]\nqouta = 1\n");
         assert!(msg.contains("store.qouta"), "{msg}");
+    }
+
+    #[test]
+    fn the_cloud_table_gives_the_provisioner_its_limits_and_names_bad_values() {
+        let (_tmp, dir) = dir_with(Some(
+            "[cloud]\nprovider = \"gcp\"\nmax_instances = 3\nidle_grace = \"90s\"\n\
+             horizon = \"30m\"\nbudget_per_hour = 1.5\ngcp_credentials = \"key.json\"\n",
+        ));
+        let config = Config::load(&dir, &Overrides::default()).unwrap();
+        let cloud = config.cloud.unwrap();
+        assert_eq!(cloud.gcp_credentials, Some(dir.path().join("key.json")));
+        let limits = cloud.limits();
+        assert_eq!(limits.max_instances, 3);
+        assert_eq!(limits.idle_grace_secs, 90);
+        assert_eq!(limits.horizon_secs, 1800);
+        // Defaults where unset: a 15-minute join timeout.
+        assert_eq!(limits.join_timeout_secs, 900);
+        // $1.50 an hour over a half-hour horizon: 75 cents to spend.
+        assert_eq!(limits.budget_left, Some(0.75));
+        // No max_instances: the provisioner starts nothing by itself.
+        let (_tmp, dir) = dir_with(Some("[cloud]\nprovider = \"local\"\n"));
+        let cloud = Config::load(&dir, &Overrides::default())
+            .unwrap()
+            .cloud
+            .unwrap();
+        assert_eq!(cloud.limits().max_instances, 0);
+
+        let (_, msg, _, _tmp) = load_err("[cloud]\nprovider = \"azure\"\n");
+        assert!(
+            msg.contains("`cloud`") && msg.contains("\"azure\""),
+            "{msg}"
+        );
+        let (_, msg, _, _tmp) = load_err("[cloud]\nprovider = \"local\"\nidle_grace = \"soon\"\n");
+        assert!(msg.contains("idle_grace") && msg.contains("soon"), "{msg}");
+        let (_, msg, _, _tmp) = load_err("[cloud]\nprovider = \"local\"\nbudget_per_hour = -2.0\n");
+        assert!(msg.contains("budget_per_hour"), "{msg}");
+        let (_, msg, _, _tmp) = load_err("[cloud]\nprovider = \"local\"\nmax_instance = 2\n");
+        assert!(msg.contains("max_instance"), "{msg}");
     }
 
     #[test]
