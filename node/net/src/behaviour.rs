@@ -8,6 +8,7 @@
 
 use crate::codec::Codec;
 use crate::gate::Gate;
+use crate::read_ahead::ReadAhead;
 use crate::{BuildError, Transport};
 use blendnet_proto::wire::{
     JoinRequest, JoinResponse, MAX_GOSSIP_BYTES, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
@@ -18,7 +19,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
     StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify, identity, kad,
-    mdns, memory_connection_limits, noise, ping, request_response, tcp, yamux,
+    mdns, memory_connection_limits, noise, ping, request_response, tcp,
 };
 use std::time::Duration;
 
@@ -139,7 +140,9 @@ impl Behaviour {
 }
 
 /// Builds the swarm for `transport`: TCP + Noise + Yamux with QUIC and DNS; TCP alone behind a
-/// pre-shared key (pnet does not work over QUIC); or the in-memory transport for tests.
+/// pre-shared key (pnet does not work over QUIC); or the in-memory transport for tests. TCP is
+/// read through a [`ReadAhead`] buffer and Yamux sends full-Noise-message frames
+/// ([`crate::muxer`]): bulk blob streams then cost a few system calls per 64 KiB, not per 8.
 pub fn build_swarm(
     key: identity::Keypair,
     transport: &Transport,
@@ -154,13 +157,19 @@ pub fn build_swarm(
     let swarm = match transport {
         Transport::Network { psk: None } => SwarmBuilder::with_existing_identity(key)
             .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| BuildError::Transport(e.to_string()))?
             .with_quic()
+            .with_other_transport(|key| {
+                use libp2p::Transport as _;
+                let noise = noise::Config::new(key)?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    tcp::tokio::Transport::new(tcp::Config::default())
+                        .map(|socket, _| ReadAhead::new(socket))
+                        .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                        .authenticate(noise)
+                        .multiplex(crate::muxer::Config::default()),
+                )
+            })
+            .map_err(|e| BuildError::Transport(e.to_string()))?
             .with_dns()
             .map_err(|e| BuildError::Transport(e.to_string()))?
             .with_behaviour(behaviour)
@@ -176,12 +185,13 @@ pub fn build_swarm(
                     let noise = noise::Config::new(key)?;
                     Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                         tcp::tokio::Transport::new(tcp::Config::default())
+                            .map(|socket, _| ReadAhead::new(socket))
                             .and_then(move |socket, _| {
                                 libp2p::pnet::PnetConfig::new(psk).handshake(socket)
                             })
                             .upgrade(libp2p::core::upgrade::Version::V1)
                             .authenticate(noise)
-                            .multiplex(yamux::Config::default()),
+                            .multiplex(crate::muxer::Config::default()),
                     )
                 })
                 .map_err(|e| BuildError::Transport(e.to_string()))?
@@ -201,7 +211,7 @@ pub fn build_swarm(
                     libp2p::core::transport::MemoryTransport::default()
                         .upgrade(libp2p::core::upgrade::Version::V1)
                         .authenticate(noise)
-                        .multiplex(yamux::Config::default()),
+                        .multiplex(crate::muxer::Config::default()),
                 )
             })
             .map_err(|e| BuildError::Transport(e.to_string()))?

@@ -20,6 +20,8 @@ mod actor;
 pub mod behaviour;
 pub mod codec;
 pub mod gate;
+pub mod muxer;
+pub mod read_ahead;
 pub mod streams;
 #[cfg(test)]
 mod swarm_tests;
