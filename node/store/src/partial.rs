@@ -23,9 +23,9 @@ use std::io::{self, Read};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use bao_tree::io::DecodeError;
 use bao_tree::io::outboard::PreOrderOutboard;
-use bao_tree::io::sync::DecodeResponseIter;
-use bao_tree::io::{BaoContentItem, DecodeError, Leaf, Parent};
+use bao_tree::iter::{BaoChunk, ResponseIterRef};
 use bao_tree::{BaoTree, ChunkNum, ChunkRanges};
 use blendnet_proto::BlobHash;
 
@@ -160,10 +160,7 @@ impl PartialFiles {
     }
 }
 
-/// Most bytes gathered before one write: a piece as the fetcher asks for it.
-const MAX_RUN_BYTES: usize = 1 << 20;
-
-/// Verified bytes for one contiguous stretch of a file, not written yet.
+/// Hash pairs for one contiguous stretch of the outboard, not written yet.
 #[derive(Default)]
 struct Run {
     offset: u64,
@@ -171,11 +168,9 @@ struct Run {
 }
 
 impl Run {
-    /// Whether `len` bytes at `offset` continue this run (and fit in it).
-    fn extends(&self, offset: u64, len: usize) -> bool {
-        !self.buf.is_empty()
-            && offset == self.offset + self.buf.len() as u64
-            && self.buf.len() + len <= MAX_RUN_BYTES
+    /// Whether `len` bytes at `offset` continue this run.
+    fn extends(&self, offset: u64) -> bool {
+        !self.buf.is_empty() && offset == self.offset + self.buf.len() as u64
     }
 
     fn start(&mut self, offset: u64) {
@@ -186,6 +181,16 @@ impl Run {
     fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
+}
+
+/// Verified data for one contiguous stretch of the data file, gathered at the front of the
+/// encoding being decoded (whose bytes there were already consumed), not written yet.
+#[derive(Default)]
+struct DataRun {
+    /// Where in the file the run starts.
+    offset: u64,
+    /// Its length; it lies at `encoded[..len]`.
+    len: usize,
 }
 
 /// The exclusive writer of one download. `Send + Sync`: share it between the streams of
@@ -379,65 +384,118 @@ impl Partial {
     }
 
     /// Reads the bao encoding of `ranges` of this blob from `encoded` (as
-    /// [`Store::encode`] writes it), verifies each hash pair and chunk group against the
-    /// blob's hash before writing it, and writes data and outboard in place. Returns the
-    /// payload bytes written.
+    /// [`Store::encode`] writes it) and writes it like [`Partial::write_encoded`].
+    pub fn write(&self, ranges: &ChunkRanges, mut encoded: impl Read) -> Result<u64, WriteError> {
+        let mut buf = Vec::new();
+        encoded
+            .read_to_end(&mut buf)
+            .map_err(|source| WriteError::Input {
+                hash: self.files.hash,
+                source,
+            })?;
+        self.write_encoded(ranges, &mut buf)
+    }
+
+    /// Verifies the bao encoding of `ranges` of this blob held in `encoded` (as
+    /// [`Store::encode`] writes it), each hash pair and chunk group against the blob's hash
+    /// before writing it, and writes data and outboard in place. Returns the payload bytes
+    /// written. `encoded` is scratch space: its content is undefined afterwards.
     ///
-    /// On [`WriteError::Corrupt`] (the provider sent bad data), [`WriteError::Truncated`] or
-    /// [`WriteError::Input`], what verified before the failure is kept and valid; nothing
-    /// unverified was written. `ranges` must be the ranges the provider encoded; ask for
-    /// whole chunk groups ([`group_ranges`](crate::group_ranges)): parts of a group are
-    /// verified and written, but only whole groups count as valid.
-    pub fn write(&self, ranges: &ChunkRanges, encoded: impl Read) -> Result<u64, WriteError> {
+    /// On [`WriteError::Corrupt`] (the provider sent bad data) or [`WriteError::Truncated`],
+    /// what verified before the failure is kept and valid; nothing unverified was written.
+    /// `ranges` must be the ranges the provider encoded; ask for whole chunk groups
+    /// ([`group_ranges`](crate::group_ranges)): parts of a group are verified and written, but
+    /// only whole groups count as valid.
+    pub fn write_encoded(
+        &self,
+        ranges: &ChunkRanges,
+        encoded: &mut [u8],
+    ) -> Result<u64, WriteError> {
         let hash = self.files.hash;
         let tree = self.files.tree;
-        let root = blake3::Hash::from_bytes(hash.0);
-        // Verified items are gathered into runs and written with one call per run: a write per
-        // 16 KiB group and per 64-byte hash pair cost more than the copy itself, and
-        // concurrent small writes to one file contend on its lock.
+        let ranges = bao_tree::io::sync::truncate_ranges(ranges, tree.size());
+        // The same walk as bao-tree's `DecodeResponseIter`, over memory instead of a reader:
+        // no copy of each group into a fresh buffer. Verified data is moved to the front of
+        // `encoded` (whose bytes there were consumed already) so that a contiguous stretch
+        // goes to the file in one write: a write per 16 KiB group and per 64-byte hash pair
+        // cost more than the copy itself, and concurrent small writes to one file contend on
+        // its lock.
+        let mut stack: Vec<blake3::Hash> = vec![blake3::Hash::from_bytes(hash.0)];
         let mut outboard = Run::default();
-        let mut data = Run::default();
+        let mut data = DataRun::default();
+        let mut at = 0usize;
         let mut written = 0u64;
         let mut result = Ok(());
-        for item in DecodeResponseIter::new(root, tree, encoded, ranges) {
-            let step = match item {
-                Ok(BaoContentItem::Parent(Parent { node, pair: (l, r) })) => {
-                    match tree.pre_order_offset(node) {
-                        Some(offset) => {
-                            let mut bytes = [0u8; 64];
-                            bytes[..32].copy_from_slice(l.as_bytes());
-                            bytes[32..].copy_from_slice(r.as_bytes());
-                            if outboard.extends(offset * 64, bytes.len()) {
-                                outboard.push(&bytes);
-                                Ok(())
-                            } else {
-                                self.flush_outboard(&mut outboard).map(|()| {
+        for chunk in ResponseIterRef::new(tree, ranges) {
+            let Some(expected) = stack.pop() else {
+                break;
+            };
+            let step = match chunk {
+                BaoChunk::Parent {
+                    node,
+                    is_root,
+                    left,
+                    right,
+                    ..
+                } => match encoded.get(at..at + 64) {
+                    None => Err(decode_error(hash, DecodeError::ParentNotFound(node))),
+                    Some(pair) => {
+                        let mut bytes = [0u8; 64];
+                        bytes.copy_from_slice(pair);
+                        at += 64;
+                        let l = blake3::Hash::from_slice(&bytes[..32]).expect("32 bytes");
+                        let r = blake3::Hash::from_slice(&bytes[32..]).expect("32 bytes");
+                        if parent_cv(&l, &r, is_root) != expected {
+                            Err(decode_error(hash, DecodeError::ParentHashMismatch(node)))
+                        } else {
+                            if right {
+                                stack.push(r);
+                            }
+                            if left {
+                                stack.push(l);
+                            }
+                            match tree.pre_order_offset(node) {
+                                Some(offset) if outboard.extends(offset * 64) => {
+                                    outboard.push(&bytes);
+                                    Ok(())
+                                }
+                                Some(offset) => self.flush_outboard(&mut outboard).map(|()| {
                                     outboard.start(offset * 64);
                                     outboard.push(&bytes);
-                                })
+                                }),
+                                None => Ok(()),
                             }
                         }
-                        None => Ok(()),
                     }
-                }
-                Ok(BaoContentItem::Leaf(Leaf {
-                    offset,
-                    data: bytes,
-                })) => {
-                    let flushed = if data.extends(offset, bytes.len()) {
-                        Ok(0)
-                    } else {
-                        self.flush_data(&mut outboard, &mut data)
-                    };
-                    flushed.map(|n| {
-                        written += n;
-                        if data.buf.is_empty() {
-                            data.start(offset);
-                        }
-                        data.push(&bytes);
-                    })
-                }
-                Err(e) => Err(decode_error(hash, e)),
+                },
+                BaoChunk::Leaf {
+                    start_chunk,
+                    size,
+                    is_root,
+                    ..
+                } => match encoded.get(at..at + size) {
+                    None => Err(decode_error(hash, DecodeError::LeafNotFound(start_chunk))),
+                    Some(bytes) if hash_subtree(start_chunk.0, bytes, is_root) != expected => Err(
+                        decode_error(hash, DecodeError::LeafHashMismatch(start_chunk)),
+                    ),
+                    Some(_) => {
+                        let offset = start_chunk.to_bytes();
+                        let flushed = if data.len > 0 && offset != data.offset + data.len as u64 {
+                            self.flush_data(&mut outboard, &mut data, encoded)
+                        } else {
+                            Ok(0)
+                        };
+                        flushed.map(|n| {
+                            written += n;
+                            if data.len == 0 {
+                                data.offset = offset;
+                            }
+                            encoded.copy_within(at..at + size, data.len);
+                            data.len += size;
+                            at += size;
+                        })
+                    }
+                },
             };
             if let Err(e) = step {
                 result = Err(e);
@@ -445,7 +503,7 @@ impl Partial {
             }
         }
         // Whatever verified before a failure is still written and counted.
-        match self.flush_data(&mut outboard, &mut data) {
+        match self.flush_data(&mut outboard, &mut data, encoded) {
             Ok(n) => written += n,
             Err(e) => result = result.and(Err(e)),
         }
@@ -477,21 +535,27 @@ impl Partial {
         Ok(())
     }
 
-    /// Writes the pending hash pairs, then the pending data, and only then counts the data as
-    /// verified (others may be served it at once). Returns the data bytes written.
-    fn flush_data(&self, outboard: &mut Run, data: &mut Run) -> Result<u64, WriteError> {
+    /// Writes the pending hash pairs, then the pending data (`encoded[..data.len]`), and only
+    /// then counts the data as verified (others may be served it at once). Returns the data
+    /// bytes written.
+    fn flush_data(
+        &self,
+        outboard: &mut Run,
+        data: &mut DataRun,
+        encoded: &[u8],
+    ) -> Result<u64, WriteError> {
         self.flush_outboard(outboard)?;
-        if data.buf.is_empty() {
+        if data.len == 0 {
             return Ok(0);
         }
         let hash = self.files.hash;
         let writing = self.files.lock_writes();
-        write_all_at(&self.files.data, data.offset, &data.buf)
+        write_all_at(&self.files.data, data.offset, &encoded[..data.len])
             .map_err(|e| self.store.write_err(self.store.partial_path(&hash), e))?;
         drop(writing);
-        self.files.add_verified(data.offset, data.buf.len());
-        let n = data.buf.len() as u64;
-        data.buf.clear();
+        self.files.add_verified(data.offset, data.len);
+        let n = data.len as u64;
+        data.len = 0;
         Ok(n)
     }
 
@@ -562,6 +626,34 @@ impl Partial {
 impl Drop for Partial {
     fn drop(&mut self) {
         release_writer(&self.store, &self.files.hash, self.token);
+    }
+}
+
+/// The chaining value of a subtree of the blob starting at `start_chunk`, as bao-tree
+/// computes it (its own function is private).
+fn hash_subtree(start_chunk: u64, data: &[u8], is_root: bool) -> blake3::Hash {
+    use blake3::hazmat::HasherExt;
+    if is_root {
+        blake3::hash(data)
+    } else {
+        let mut hasher = blake3::Hasher::new();
+        hasher.set_input_offset(start_chunk * 1024);
+        hasher.update(data);
+        blake3::Hash::from(hasher.finalize_non_root())
+    }
+}
+
+/// The chaining value of a parent from its children's, as bao-tree computes it.
+fn parent_cv(left: &blake3::Hash, right: &blake3::Hash, is_root: bool) -> blake3::Hash {
+    use blake3::hazmat::{Mode, merge_subtrees_non_root, merge_subtrees_root};
+    if is_root {
+        merge_subtrees_root(left.as_bytes(), right.as_bytes(), Mode::Hash)
+    } else {
+        blake3::Hash::from(merge_subtrees_non_root(
+            left.as_bytes(),
+            right.as_bytes(),
+            Mode::Hash,
+        ))
     }
 }
 

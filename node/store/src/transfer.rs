@@ -59,7 +59,7 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const SEED_WINDOW: Duration = Duration::from_secs(10);
 /// Most pieces a seeder remembers sending (memory bound; past it, the oldest are forgotten).
 pub const MAX_SEEDED: usize = 65_536;
-/// Bytes read from a blob stream at a time.
+/// Bytes an answer's buffer grows by when the answer is longer than expected.
 const READ_CHUNK: usize = 64 * 1024;
 /// Attempts at one request whose stream fails before an answer (see `exchange`).
 pub const STREAM_ATTEMPTS: u32 = 4;
@@ -346,9 +346,14 @@ enum Outcome {
 
 /// Asks `peer` what it holds of `hash`.
 async fn ask_has<D: Dialer>(dialer: &D, peer: PeerId, hash: BlobHash) -> io::Result<BlobResponse> {
-    exchange(dialer, peer, &BlobRequest::Has { hash }, 0)
-        .await
-        .map(|(header, _)| header)
+    exchange(
+        dialer,
+        peer,
+        &BlobRequest::Has { hash },
+        0,
+        &mut Body::default(),
+    )
+    .await
 }
 
 /// Room for the bao encoding of `payload` bytes: the payload plus one 64-byte hash pair per
@@ -358,27 +363,68 @@ fn encoded_len_hint(payload: u64) -> usize {
     usize::try_from(payload + groups * 64 + 1024).unwrap_or(usize::MAX)
 }
 
-/// Reads an answer's body to the end into a buffer sized for it up front (no zero-filling, no
-/// regrowth), refusing more than twice the largest request's worth.
+/// Answer buffers kept between the pieces of one fetch: each is zero-filled once, then read
+/// into directly (a fresh buffer per piece cost a zero-fill or a copy of every byte).
+#[derive(Clone, Default)]
+struct Buffers(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+/// Buffers a fetch keeps for reuse: one per request in flight from a couple of providers.
+const MAX_POOLED_BUFFERS: usize = 2 * MAX_IN_FLIGHT_PER_PROVIDER;
+
+impl Buffers {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut pool| pool.pop())
+            .unwrap_or_default()
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        if let Ok(mut pool) = self.0.lock()
+            && pool.len() < MAX_POOLED_BUFFERS
+        {
+            pool.push(buf);
+        }
+    }
+}
+
+/// An answer's body: the first `len` bytes of `buf` (the rest is spare room, kept for reuse).
+#[derive(Default)]
+struct Body {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+/// Reads an answer's body to the end into `body`, growing it to the expected size at once,
+/// refusing more than twice the largest request's worth.
 async fn read_body<R: AsyncRead + Unpin>(
     stream: &mut R,
     expected_payload: u64,
-) -> io::Result<Vec<u8>> {
+    body: &mut Body,
+) -> io::Result<()> {
     let limit = usize::try_from(2 * MAX_GET_BYTES + 64 * 1024).unwrap_or(usize::MAX);
-    let mut body = Vec::with_capacity(encoded_len_hint(expected_payload).min(limit));
-    let mut chunk = vec![0u8; READ_CHUNK];
+    let hint = encoded_len_hint(expected_payload).min(limit);
+    if body.buf.len() < hint {
+        body.buf.resize(hint, 0);
+    }
+    body.len = 0;
     loop {
-        let n = stream.read(&mut chunk).await?;
+        if body.len == body.buf.len() {
+            if body.len >= limit {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "answer larger than any request",
+                ));
+            }
+            let grown = (body.len + READ_CHUNK).min(limit);
+            body.buf.resize(grown, 0);
+        }
+        let n = stream.read(&mut body.buf[body.len..]).await?;
         if n == 0 {
-            return Ok(body);
+            return Ok(());
         }
-        if body.len() + n > limit {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "answer larger than any request",
-            ));
-        }
-        body.extend_from_slice(&chunk[..n]);
+        body.len += n;
     }
 }
 
@@ -392,7 +438,8 @@ async fn exchange<D: Dialer>(
     peer: PeerId,
     request: &BlobRequest,
     expected_payload: u64,
-) -> io::Result<(BlobResponse, Vec<u8>)> {
+    body: &mut Body,
+) -> io::Result<BlobResponse> {
     let mut attempt = 0;
     loop {
         let once = async {
@@ -400,11 +447,11 @@ async fn exchange<D: Dialer>(
             write_frame(&mut stream, request, MAX_BLOB_REQUEST_BYTES).await?;
             stream.close().await?;
             let header: BlobResponse = read_frame(&mut stream, MAX_BLOB_HEADER_BYTES).await?;
-            let body = match header {
-                BlobResponse::Data { .. } => read_body(&mut stream, expected_payload).await?,
-                _ => Vec::new(),
-            };
-            Ok::<_, io::Error>((header, body))
+            body.len = 0;
+            if let BlobResponse::Data { .. } = header {
+                read_body(&mut stream, expected_payload, body).await?;
+            }
+            Ok::<_, io::Error>(header)
         };
         match once.await {
             Ok(answer) => return Ok(answer),
@@ -430,9 +477,11 @@ fn piece_ranges(piece: u64, size: u64) -> ChunkRanges {
 }
 
 /// Fetches one piece from `peer` and writes it, verified, into the partial blob.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_piece<D: Dialer>(
     dialer: Arc<D>,
     partial: Arc<Partial>,
+    buffers: Buffers,
     peer: PeerId,
     hash: BlobHash,
     size: u64,
@@ -445,8 +494,18 @@ async fn fetch_piece<D: Dialer>(
         ranges: ranges_to_wire(&ranges, size),
         insist,
     };
-    let request = exchange(&*dialer, peer, &get, crate::ranges_bytes(&ranges, size));
-    let (header, body) = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+    let mut body = Body {
+        buf: buffers.take(),
+        len: 0,
+    };
+    let request = exchange(
+        &*dialer,
+        peer,
+        &get,
+        crate::ranges_bytes(&ranges, size),
+        &mut body,
+    );
+    let header = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
         Err(_) => return Outcome::Failed("timed out".into()),
         Ok(Err(e)) => return Outcome::Failed(e.to_string()),
         Ok(Ok(x)) => x,
@@ -456,9 +515,12 @@ async fn fetch_piece<D: Dialer>(
             Outcome::Bad(format!("claims size {theirs}, not {size}"))
         }
         BlobResponse::Data { .. } => {
-            let written =
-                tokio::task::spawn_blocking(move || partial.write(&ranges, io::Cursor::new(body)))
-                    .await;
+            let written = tokio::task::spawn_blocking(move || {
+                let written = partial.write_encoded(&ranges, &mut body.buf[..body.len]);
+                buffers.put(body.buf);
+                written
+            })
+            .await;
             match written {
                 Ok(Ok(n)) => Outcome::Verified(n),
                 Ok(Err(WriteError::Corrupt { .. })) => {
@@ -596,6 +658,7 @@ pub async fn fetch<D: Dialer>(
     // seeder is no longer asked to leave pieces to them.
     let mut gone: BTreeSet<PeerId> = BTreeSet::new();
     let mut waiting = FuturesUnordered::new();
+    let buffers = Buffers::default();
     let mut asking: BTreeSet<PeerId> = BTreeSet::new();
     let mut refresh = tokio::time::interval(AVAILABILITY_REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -613,6 +676,7 @@ pub async fn fetch<D: Dialer>(
                 let fut = fetch_piece(
                     dialer.clone(),
                     partial.clone(),
+                    buffers.clone(),
                     peer,
                     hash,
                     size,
