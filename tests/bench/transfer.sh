@@ -8,7 +8,10 @@
 #    (Python sockets, written to disk and fsynced: the reference), then one fresh member
 #    fetches it from the seeder alone (`blendnet store get --from`, verified, fsynced). Both
 #    copies are deleted after each round. Prints every round and the ratio of the best mesh
-#    fetch to the best TCP copy (aim: 0.7 or better on 2 cores). Best-of-rounds because
+#    fetch to the best TCP copy (aim: 0.7 or better on 2 cores), and the CPU seconds per GiB
+#    of the seeder and the fetcher daemons (utime + stime from /proc, median of the rounds)
+#    and of the TCP copy (sender and receiver together): unlike throughput, CPU time barely
+#    moves when other work shares the machine. Best-of-rounds because
 #    single runs on a small VM vary by up to 3x: writing into page-cache memory the VM has
 #    not touched yet varied from 0.2 to 2.3 s per GiB here (one uncounted TCP copy warms it).
 # 2. FETCHERS members fetch the blob at once; prints the seeder's upload factor (bytes the
@@ -34,6 +37,7 @@ else
 fi
 work="$(mktemp -d -t blendnet-bench-transfer-XXXXXX)"
 pids=()
+declare -A node_pid
 cleanup() {
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
@@ -42,6 +46,8 @@ cleanup() {
 trap cleanup EXIT
 
 now() { date +%s.%N; }
+# CPU time (user + system) of a process so far, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 start_node() { # name [join-code]
     local dir="$work/$1"
@@ -50,6 +56,7 @@ start_node() { # name [join-code]
     RUST_LOG="${RUST_LOG:-warn}" "$bin" up --data-dir "$dir" --listen "${LISTEN:-/ip4/127.0.0.1/tcp/0}" --api 127.0.0.1:0 \
         --no-mdns --no-render >"$dir.log" 2>&1 &
     pids+=("$!")
+    node_pid[$1]="$!"
     for _ in $(seq 300); do
         "$bin" status --data-dir "$dir" --json >/dev/null 2>&1 && return 0
         sleep 0.1
@@ -87,6 +94,7 @@ def send():
     conn.close()
 t = threading.Thread(target=send); t.start()
 start = time.perf_counter()
+cpu0 = sum(os.times()[:2])
 c = socket.create_connection(("127.0.0.1", port))
 with open(dst, "wb") as out:
     while True:
@@ -96,7 +104,7 @@ with open(dst, "wb") as out:
     out.flush(); os.fsync(out.fileno())
 elapsed = time.perf_counter() - start
 t.join()
-print(f"{elapsed:.3f}")
+print(f"{elapsed:.3f}/{sum(os.times()[:2]) - cpu0:.3f}")
 PY
     rm -f "$work/tcp.out"
 }
@@ -123,14 +131,23 @@ done
 tcp_copy >/dev/null
 sync
 tcp_all=()
+tcp_cpu_all=()
 mesh_all=()
+seeder_cpu_all=()
+fetcher_cpu_all=()
 for r in $(seq 1 "$rounds"); do
-    tcp_all+=("$(tcp_copy)")
+    tcp="$(tcp_copy)"
+    tcp_all+=("${tcp%/*}")
+    tcp_cpu_all+=("${tcp#*/}")
     sync
+    s0="$(cpu_ticks "${node_pid[seeder]}")"
+    f0="$(cpu_ticks "${node_pid[fr$r]}")"
     t2="$(now)"
     "$bin" store get --data-dir "$work/fr$r" "$hash" --out "$work/fr$r-out" --from "$seeder_id" --json \
         >/dev/null 2>"$work/fr$r-get.err" || { echo "the fetch failed:" >&2; cat "$work/fr$r-get.err" >&2; exit 1; }
     t3="$(now)"
+    seeder_cpu_all+=("$(( $(cpu_ticks "${node_pid[seeder]}") - s0 ))")
+    fetcher_cpu_all+=("$(( $(cpu_ticks "${node_pid[fr$r]}") - f0 ))")
     mesh_all+=("$(python3 -c "print(f'{$t3 - $t2:.3f}')")")
     cmp -s "$work/src/blob.bin" "$work/fr$r-out/blob.bin" || { echo "the fetched copy differs!" >&2; exit 1; }
     # Like the TCP copy's file, the fetched copy goes away, so neither side writes into
@@ -160,11 +177,15 @@ print(sum(json.load(open(f"{work}/f{i}.json"))["received_from"].get(seeder, 0) f
 PY
 )"
 
-python3 - "$size_mib" "$t0" "$t1" "$t4" "$t5" "$from_seeder" "$fetchers" "${tcp_all[*]}" "${mesh_all[*]}" <<'PY'
-import sys
+python3 - "$size_mib" "$t0" "$t1" "$t4" "$t5" "$from_seeder" "$fetchers" "${tcp_all[*]}" "${mesh_all[*]}" \
+    "${tcp_cpu_all[*]}" "${seeder_cpu_all[*]}" "${fetcher_cpu_all[*]}" "$(getconf CLK_TCK)" <<'PY'
+import statistics, sys
 mib = int(sys.argv[1])
 t0, t1, t4, t5 = map(float, sys.argv[2:6]); from_seeder = int(sys.argv[6]); n = int(sys.argv[7])
 tcps = [float(x) for x in sys.argv[8].split()]; meshes = [float(x) for x in sys.argv[9].split()]
+tick = int(sys.argv[13])
+per_gib = lambda xs, scale: statistics.median(float(x) / scale for x in xs.split()) / (mib / 1024)
+tcp_cpu = per_gib(sys.argv[10], 1); seeder_cpu = per_gib(sys.argv[11], tick); fetcher_cpu = per_gib(sys.argv[12], tick)
 size = mib << 20
 tcp, mesh = min(tcps), min(meshes)
 rate = lambda s: f"{mib / s:.0f}"
@@ -174,6 +195,7 @@ print(f"  raw TCP copy (reference), MiB/s:      {', '.join(map(rate, tcps))}")
 print(f"  one mesh fetch, verified, MiB/s:      {', '.join(map(rate, meshes))}")
 print(f"  best TCP copy / best mesh fetch:      {mib / tcp:7.1f} / {mib / mesh:.1f} MiB/s")
 print(f"  ratio mesh / TCP throughput:          {tcp / mesh:7.2f}    (aim: 0.7 or better)")
+print(f"  CPU s/GiB, seeder / fetcher daemon:   {seeder_cpu:7.2f} / {fetcher_cpu:.2f}  (TCP copy, both ends: {tcp_cpu:.2f})")
 print(f"  {n} fetchers at once:                  {t5 - t4:7.2f} s")
 print(f"  seeder upload factor with {n} fetchers: {from_seeder / size:7.2f}    (aim: under 1.3)")
 PY
