@@ -268,3 +268,92 @@ fn pending_work_starts_instances_that_render_it_and_are_terminated_when_idle() {
         Ok(())
     });
 }
+
+/// `blendnet cost` on the local provider, then the same job run for real: the job's wall time
+/// (from its submission to its frames in the output folder) is within 25% of the middle of
+/// the estimated range. The scene is heavy enough that rendering dominates (six 320×240
+/// frames of 160 samples: about 40 s on two cores), as the estimate is for real jobs.
+#[test]
+fn the_cost_estimate_of_a_local_run_is_within_a_quarter_of_its_measured_time() {
+    e2e(|| {
+        let (mut a, _) = Node::init("provisioner")?;
+        std::fs::write(
+            a.data_dir().join("blendnet.toml"),
+            "[cloud]\nprovider = \"local\"\njoin_timeout = \"5m\"\nmax_instances = 1\n\
+             idle_grace = \"4s\"\nlocal_price_per_hour = 3.6\n\
+             local_args = [\"--listen\", \"/ip4/127.0.0.1/tcp/0\", \"--api\", \"127.0.0.1:0\", \"--no-mdns\"]\n",
+        )?;
+        // The provisioner does not render: the instance it starts renders everything.
+        a.up(&["--no-render"])?;
+        let scene = a.data_dir().with_file_name("project").join("heavy.blend");
+        make_scene(
+            &scene,
+            "scene.render.resolution_x = 320\nscene.render.resolution_y = 240\n\
+             scene.cycles.samples = 160\nscene.frame_start = 1\nscene.frame_end = 6",
+        )?;
+        let scene = scene.to_str().context("UTF-8")?;
+
+        // Bad input is named.
+        let err = a.cli_err(&["cost", "/nonexistent/shot.blend"])?;
+        ensure!(err.contains("/nonexistent/shot.blend"), "{err}");
+        let err = a.cli_err(&["cost", scene, "--provider", "azure"])?;
+        ensure!(err.contains("\"azure\""), "{err}");
+        let err = a.cli_err(&["cost", scene, "--frames", "5-2"])?;
+        ensure!(err.contains("--frames"), "{err}");
+
+        let out = a.cli_ok_within(&["cost", scene, "--json"], Duration::from_secs(120))?;
+        let cost: serde_json::Value = serde_json::from_str(&out)?;
+        ensure!(
+            cost["provider"] == "local" && cost["frames"] == json!([1, 2, 3, 4, 5, 6]),
+            "{cost}"
+        );
+        ensure!(
+            cost["samples"] == 160 && cost["split"] == "frames",
+            "{cost}"
+        );
+        let estimates = cost["estimates"].as_array().context("estimates")?;
+        ensure!(
+            estimates.len() == 1,
+            "the local provider has one type: {cost}"
+        );
+        let e = &estimates[0];
+        ensure!(e["instance_type"] == "local" && e["instances"] == 1, "{e}");
+        let secs = |k: &str| e["secs"][k].as_f64().context("secs");
+        let (low, high) = (secs("low")?, secs("high")?);
+        ensure!(0.0 < low && low < high, "{e}");
+        // $3.60 an hour is $0.001 a second, billed until 4 s after the job.
+        let dollars = e["dollars"]["low"].as_f64().context("dollars")?;
+        ensure!(
+            (dollars - (low + 4.0) / 1000.0).abs() < 1e-9,
+            "money of {low} s at $3.60/h: {e}"
+        );
+
+        let out = a.cli_ok_within(
+            &["render", scene, "--wait", "--json"],
+            Duration::from_secs(240),
+        )?;
+        let done_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+        let last: serde_json::Value =
+            serde_json::from_str(out.lines().last().context("no output")?)?;
+        ensure!(last["state"] == "done", "the job did not finish: {out}");
+        let job = last["job"].as_str().context("job")?;
+        let view = a.cli_json(&["status", job, "--json"])?;
+        let submitted = view["spec"]["submitted_at"]
+            .as_u64()
+            .context("submitted_at")?;
+        // Whole seconds: the measured time is long by up to one.
+        let measured = done_at - submitted as f64;
+        let mid = (low + high) / 2.0;
+        eprintln!(
+            "cost estimate {low:.1}–{high:.1} s (middle {mid:.1} s); measured {measured:.1} s \
+             ({:+.0}%); probe {}",
+            (measured / mid - 1.0) * 100.0,
+            cost["probe"]
+        );
+        ensure!(
+            (measured - mid).abs() <= 0.25 * mid,
+            "the job took {measured:.1} s; the estimate was {low:.1}–{high:.1} s"
+        );
+        Ok(())
+    });
+}

@@ -17,6 +17,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub mod aws;
+pub mod cost;
 pub mod gcp;
 pub mod local;
 pub mod policy;

@@ -38,6 +38,7 @@ pub struct LocalProvider {
     command: Vec<String>,
     children: Mutex<HashMap<String, Child>>,
     counter: AtomicU64,
+    per_hour: f64,
 }
 
 impl LocalProvider {
@@ -49,7 +50,16 @@ impl LocalProvider {
             command,
             children: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
+            per_hour: 0.0,
         }
+    }
+
+    /// The price [`Provider::prices`] reports for the instances (US dollars per hour; 0 unless
+    /// set): this machine costs nothing more to run, but a price lets the budget and the cost
+    /// estimate be tried out (and tested) without a cloud.
+    pub fn with_price(mut self, per_hour: f64) -> LocalProvider {
+        self.per_hour = per_hour;
+        self
     }
 
     fn folder(&self, id: &str) -> PathBuf {
@@ -241,7 +251,7 @@ impl Provider for LocalProvider {
             Ok(vec![Price {
                 instance_type: instance_type.into(),
                 zone: LOCAL_ZONE.into(),
-                per_hour: 0.0,
+                per_hour: self.per_hour,
                 spot,
             }])
         })

@@ -121,6 +121,9 @@ pub enum Command {
     /// Cloud instances started by hand with the provider of `[cloud]` in blendnet.toml.
     #[command(subcommand)]
     Cloud(crate::cloud_cmd::CloudCommand),
+    /// Estimate a job's time and money on each instance type of a cloud provider, from a short
+    /// probe render of the scene on this machine and the provider's prices; no daemon needed.
+    Cost(crate::cost_cmd::CostArgs),
     /// Merge partial renders of one frame (sample slices, multilayer EXRs) exactly as Cycles
     /// does; runs locally, no daemon needed.
     Merge(MergeArgs),
@@ -618,6 +621,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("cancelled {}", job.job);
         }
         Command::Render(args) => crate::render_cmd::render(&data_dir, args)?,
+        Command::Cost(args) => crate::cost_cmd::run(&data_dir, args)?,
         Command::Fetch { job, out, json } => {
             let request = FetchRequest {
                 out: absolute(&out)?,

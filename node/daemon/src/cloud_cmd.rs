@@ -129,7 +129,10 @@ pub fn provider(cloud: &CloudConfig) -> anyhow::Result<Box<dyn Provider>> {
                 .local_root
                 .clone()
                 .context("[cloud] local_root is not set")?;
-            Box::new(LocalProvider::new(root, command))
+            Box::new(
+                LocalProvider::new(root, command)
+                    .with_price(cloud.local_price_per_hour.unwrap_or(0.0)),
+            )
         }
         "aws" => {
             let env = |name: &str| {

@@ -155,6 +155,8 @@ impl Default for Config {
 /// budget_per_hour = 2.0         # US dollars: the instances alive at once never cost more
 /// local_root = "instances"      # local: where instances live, relative to the data dir
 /// local_args = ["--no-mdns"]    # local: more flags for `blendnet enroll`
+/// local_price_per_hour = 0.0    # local: the price the instances are billed at (US dollars;
+///                               #        default 0), for trying budgets and `blendnet cost`
 /// aws_region = "us-east-1"      # aws: keys from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 /// aws_image_id = "ami-..."      #      (and AWS_SESSION_TOKEN)
 /// # aws_endpoint_url = "http://127.0.0.1:5000"
@@ -187,6 +189,8 @@ pub struct CloudConfig {
     pub local_root: Option<PathBuf>,
     #[serde(default)]
     pub local_args: Vec<String>,
+    #[serde(default)]
+    pub local_price_per_hour: Option<f64>,
     #[serde(default)]
     pub aws_region: Option<String>,
     #[serde(default)]
@@ -412,12 +416,17 @@ impl Config {
                                 .map_err(|e| field.invalid(format!("{name}: {e}")))?;
                         }
                     }
-                    if let Some(budget) = cloud.budget_per_hour
-                        && !(budget.is_finite() && budget >= 0.0)
-                    {
-                        return Err(field.invalid(format!(
-                            "budget_per_hour: {budget} is not an amount of US dollars (0 or more)"
-                        )));
+                    for (name, amount) in [
+                        ("budget_per_hour", cloud.budget_per_hour),
+                        ("local_price_per_hour", cloud.local_price_per_hour),
+                    ] {
+                        if let Some(amount) = amount
+                            && !(amount.is_finite() && amount >= 0.0)
+                        {
+                            return Err(field.invalid(format!(
+                                "{name}: {amount} is not an amount of US dollars (0 or more)"
+                            )));
+                        }
                     }
                     cloud.local_root =
                         Some(base.join(cloud.local_root.unwrap_or_else(|| "instances".into())));
@@ -748,6 +757,9 @@ mod tests {
         assert!(msg.contains("idle_grace") && msg.contains("soon"), "{msg}");
         let (_, msg, _, _tmp) = load_err("[cloud]\nprovider = \"local\"\nbudget_per_hour = -2.0\n");
         assert!(msg.contains("budget_per_hour"), "{msg}");
+        let (_, msg, _, _tmp) =
+            load_err("[cloud]\nprovider = \"local\"\nlocal_price_per_hour = -1.0\n");
+        assert!(msg.contains("local_price_per_hour"), "{msg}");
         let (_, msg, _, _tmp) = load_err("[cloud]\nprovider = \"local\"\nmax_instance = 2\n");
         assert!(msg.contains("max_instance"), "{msg}");
     }

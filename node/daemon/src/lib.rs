@@ -17,6 +17,7 @@ pub mod cli;
 pub mod client;
 pub mod cloud_cmd;
 pub mod config;
+pub mod cost_cmd;
 pub mod data_dir;
 pub mod deliver;
 pub mod demo;

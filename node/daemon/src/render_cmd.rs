@@ -193,7 +193,7 @@ fn submit(
 }
 
 /// The scene's frames, `start..=end` by `step`.
-fn scene_frames(start: i64, end: i64, step: i64) -> anyhow::Result<Vec<u32>> {
+pub(crate) fn scene_frames(start: i64, end: i64, step: i64) -> anyhow::Result<Vec<u32>> {
     if start < 0 || end < start {
         bail!("the scene's frame range {start}-{end} has no frame BlendNet can render");
     }
