@@ -316,6 +316,8 @@ pub struct Node {
     up_args: Vec<String>,
     /// How many times `up` was started, for the banner in the capture files.
     runs: u32,
+    /// Environment variables the daemon is started with, beyond the test's own.
+    env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -334,6 +336,7 @@ impl Node {
             child: None,
             up_args: Vec::new(),
             runs: 0,
+            env: Vec::new(),
         })
     }
 
@@ -349,6 +352,11 @@ impl Node {
             .with_context(|| format!("node {name}: `blendnet init` printed no mesh id"))?
             .to_owned();
         Ok((node, mesh_id))
+    }
+
+    /// Sets an environment variable for the daemons this node starts from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_owned(), value.to_owned()));
     }
 
     /// The node's name, as used in messages.
@@ -421,6 +429,7 @@ impl Node {
             .arg(&self.data)
             .args(&args)
             .env_remove(DATA_DIR_ENV)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use blendnet_tests::{Node, e2e, eventually};
+use blendnet_tests::{MESH_ONLINE_WITHIN, Node, e2e, eventually, online_peers};
 use serde_json::Value;
 
 /// The renderer of known duration.
@@ -307,6 +307,200 @@ fn killing_every_peer_and_restarting_them_resumes_the_job() {
             "{} tasks finished before the kill were rendered again: {redone:?}",
             redone.len()
         );
+        Ok(())
+    });
+}
+
+/// A cloud metadata server on loopback for both clouds: AWS's IMDSv2 (a session token, then
+/// `spot/instance-action`, 404 until the notice) and GCP's `instance/preempted` (`FALSE` until
+/// the notice; only with `Metadata-Flavor: Google`). One thread answers a request per
+/// connection.
+struct FakeMetadata {
+    addr: std::net::SocketAddr,
+    notice: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeMetadata {
+    fn start() -> Result<FakeMetadata> {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let notice = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = notice.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut request = String::new();
+                let mut headers = Vec::new();
+                if reader.read_line(&mut request).is_err() {
+                    continue;
+                }
+                loop {
+                    let mut line = String::new();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) if line.trim().is_empty() => break,
+                        Ok(_) => headers.push(line.trim().to_ascii_lowercase()),
+                    }
+                }
+                let has = |h: &str| headers.iter().any(|l| l == h);
+                let noticed = flag.load(Ordering::SeqCst);
+                let mut parts = request.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let (status, body) = match (method, path) {
+                    ("PUT", "/latest/api/token")
+                        if headers
+                            .iter()
+                            .any(|l| l.starts_with("x-aws-ec2-metadata-token-ttl-seconds:")) =>
+                    {
+                        ("200 OK", "imds-token")
+                    }
+                    ("GET", "/latest/meta-data/spot/instance-action")
+                        if !has("x-aws-ec2-metadata-token: imds-token") =>
+                    {
+                        ("401 Unauthorized", "")
+                    }
+                    ("GET", "/latest/meta-data/spot/instance-action") if noticed => (
+                        "200 OK",
+                        r#"{"action":"terminate","time":"2026-11-26T12:00:00Z"}"#,
+                    ),
+                    ("GET", "/computeMetadata/v1/instance/preempted")
+                        if !has("metadata-flavor: google") =>
+                    {
+                        ("403 Forbidden", "Metadata-Flavor: Google is required")
+                    }
+                    ("GET", "/computeMetadata/v1/instance/preempted") => {
+                        ("200 OK", if noticed { "TRUE" } else { "FALSE" })
+                    }
+                    _ => ("404 Not Found", ""),
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Ok(FakeMetadata { addr, notice })
+    }
+
+    fn preempt(&self) {
+        self.notice.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_preemption_notice_hands_the_running_task_back_and_the_job_completes() {
+    e2e(|| {
+        let metadata = FakeMetadata::start()?;
+        let (mut a, _) = Node::init("a")?;
+        a.up(&["--blender", FAKE_BLENDER])?;
+        // b watches AWS's notices, c GCP's, both at the fake.
+        let mut spot = Vec::new();
+        for (name, cloud, var, value) in [
+            (
+                "b",
+                "aws",
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+                format!("http://{}", metadata.addr),
+            ),
+            ("c", "gcp", "GCE_METADATA_HOST", metadata.addr.to_string()),
+        ] {
+            let mut node = Node::new(name)?;
+            node.cli_ok(&["join", &a.invite(&[])?])?;
+            node.set_env(var, &value);
+            node.up(&["--blender", FAKE_BLENDER, "--preemption", cloud])?;
+            spot.push(node);
+        }
+        let ids: Vec<String> = spot.iter().map(Node::peer_id).collect::<Result<_>>()?;
+        // Submit once all are online to each other, so that the job's gossip reaches them.
+        eventually(MESH_ONLINE_WITHIN, Duration::from_millis(250), || {
+            for node in std::iter::once(&a).chain(&spot) {
+                let online = online_peers(&node.peers()?)?;
+                ensure!(online.len() == 2, "{} sees {online:?}", node.name());
+            }
+            Ok(())
+        })?;
+        // 12 frames of 200 samples at 20 ms a sample: 4 s a task.
+        let (hash, _log) = scene(&a, 20)?;
+        let id = submit(&a, &hash, "1-12", 200, "frames")?;
+        // Preempt both spot peers while each renders a task.
+        let held = eventually(Duration::from_secs(60), Duration::from_millis(100), || {
+            let peers = a.peers()?;
+            let mut held = Vec::new();
+            for peer in &ids {
+                let view = peers
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p["peer_id"] == peer.as_str())
+                    .context("peer missing")?;
+                ensure!(
+                    view["rendering"]["job"] == id.as_str(),
+                    "{peer} renders nothing yet"
+                );
+                held.push(
+                    view["rendering"]["task"]["frame_start"]
+                        .as_u64()
+                        .context("task")?,
+                );
+            }
+            Ok(held)
+        })?;
+        let noticed = Instant::now();
+        metadata.preempt();
+        for node in &mut spot {
+            eventually(Duration::from_secs(5), Duration::from_millis(100), || {
+                let stderr = node.stderr()?;
+                ensure!(
+                    stderr.contains("handed the running task back to its coordinator"),
+                    "{} has not handed its task back:\n{}",
+                    node.name(),
+                    node.log_tail(20)
+                );
+                Ok(())
+            })?;
+            ensure!(
+                node.wait_exit(Duration::from_secs(10))?.success(),
+                "{} did not leave cleanly",
+                node.name()
+            );
+        }
+        let handed_back = noticed.elapsed();
+        eprintln!(
+            "both spot peers handed back their tasks and left {handed_back:?} after the notice"
+        );
+        ensure!(
+            handed_back < Duration::from_secs(6),
+            "handing back and leaving took {handed_back:?}"
+        );
+
+        // The job completes on a alone, the handed-back frames included, and no frame was
+        // given up on: a hand-back is not a failure.
+        let view = wait_done(&a, &id, JOB_WITHIN)?;
+        let mut frames = covered_frames(&view);
+        frames.sort_unstable();
+        ensure!(
+            frames == (1..=12).collect::<Vec<u64>>(),
+            "covered {frames:?}"
+        );
+        let me = a.peer_id()?;
+        for task in view["tasks"].as_array().into_iter().flatten() {
+            ensure!(
+                task["failures"].as_array().is_none_or(Vec::is_empty),
+                "a failure was recorded: {task}"
+            );
+            let frame = task["task"]["frame_start"].as_u64().unwrap_or(0);
+            if held.contains(&frame) && task["state"].get("Done").is_some() {
+                ensure!(
+                    task["results"][0][0] == me.as_str(),
+                    "frame {frame}, handed back, was rendered by {}",
+                    task["results"][0][0]
+                );
+            }
+        }
         Ok(())
     });
 }

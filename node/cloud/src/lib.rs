@@ -21,6 +21,7 @@ pub mod cost;
 pub mod gcp;
 pub mod local;
 pub mod policy;
+pub mod preempt;
 pub mod userdata;
 
 /// Tag naming the mesh an instance was started for.

@@ -27,6 +27,9 @@ pub struct UserData {
     pub token: String,
     /// Unix seconds after which the token is worthless.
     pub expires_at: u64,
+    /// The cloud whose preemption notices the instance watches (`aws`, `gcp`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preemption: Option<String>,
 }
 
 /// Why user data was refused.
@@ -99,6 +102,7 @@ mod tests {
             provisioner: "12D3KooWabc".into(),
             token: "BN1xyz".into(),
             expires_at: 1_000,
+            preemption: Some("aws".into()),
         }
     }
 
@@ -106,6 +110,13 @@ mod tests {
     fn user_data_round_trips_and_is_checked() {
         let text = sample().encode();
         assert_eq!(UserData::parse(&text, 999), Ok(sample()));
+        // Without preemption notices to watch (the local provider), the field is left out.
+        let local = UserData {
+            preemption: None,
+            ..sample()
+        };
+        assert!(!local.encode().contains("preemption"));
+        assert_eq!(UserData::parse(&local.encode(), 999), Ok(local));
         assert_eq!(
             UserData::parse(&text, 1_001),
             Err(UserDataError::Expired {

@@ -157,6 +157,9 @@ pub enum BoardMessage {
     },
     /// Anti-entropy is due.
     SyncTick,
+    /// Preemption: hand back the running lease and take no more; the reply says, once the
+    /// coordinator answered, whether a lease was handed back.
+    Drain(oneshot::Sender<bool>),
 }
 
 /// Why the board cannot answer.
@@ -246,6 +249,8 @@ impl Board {
             replies: HashMap::new(),
             next_reply: 1,
             live: Vec::new(),
+            releases_in_flight: 0,
+            drained: Vec::new(),
         };
         tokio::spawn(actor.run(shutdown));
         Ok(board)
@@ -321,6 +326,18 @@ impl Board {
     pub async fn job(&self, job: JobId) -> Result<Option<JobView>, BoardError> {
         self.ask(|reply| BoardMessage::Job { job, reply }).await
     }
+
+    /// Stops taking tasks and hands the running lease back to its coordinator; answers once
+    /// the coordinator took it back (`true`), or at once when nothing ran (`false`). The
+    /// caller bounds the wait: a coordinator that is gone never answers.
+    pub async fn drain(&self) -> Result<bool, BoardError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(BoardMessage::Drain(reply))
+            .await
+            .map_err(|_| BoardError::Stopped)?;
+        rx.await.map_err(|_| BoardError::Stopped)
+    }
 }
 
 struct BoardActor {
@@ -350,6 +367,9 @@ struct BoardActor {
     next_reply: u64,
     /// Live members other than this node, for anti-entropy.
     live: Vec<PeerId>,
+    /// Lease hand-backs sent and not answered yet, and who waits for them.
+    releases_in_flight: usize,
+    drained: Vec<oneshot::Sender<bool>>,
 }
 
 impl BoardActor {
@@ -483,11 +503,30 @@ impl BoardActor {
                 from,
                 request,
                 response,
-            } => self.input(Input::WorkReply {
-                from,
-                request,
-                response,
-            }),
+            } => {
+                if matches!(request, WorkRequest::Release { .. }) {
+                    self.releases_in_flight = self.releases_in_flight.saturating_sub(1);
+                    if self.releases_in_flight == 0 {
+                        for waiting in self.drained.drain(..) {
+                            let _ = waiting.send(response.is_some());
+                        }
+                    }
+                }
+                self.input(Input::WorkReply {
+                    from,
+                    request,
+                    response,
+                })
+            }
+            BoardMessage::Drain(reply) => {
+                let before = self.releases_in_flight;
+                self.input(Input::Drain);
+                if self.releases_in_flight > before {
+                    self.drained.push(reply);
+                } else {
+                    let _ = reply.send(false);
+                }
+            }
             BoardMessage::Render(RenderReport::Finished {
                 job,
                 task,
@@ -671,6 +710,9 @@ impl BoardActor {
                     }
                 }
                 Action::SendWork { to, request } => {
+                    if matches!(request, WorkRequest::Release { .. }) {
+                        self.releases_in_flight += 1;
+                    }
                     let streams = self.net_streams.clone();
                     let tx = self.tx.clone();
                     tokio::spawn(async move {

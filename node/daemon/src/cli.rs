@@ -286,6 +286,10 @@ pub struct UpArgs {
     /// How many threads Blender renders with (default: every core).
     #[arg(long, value_name = "N")]
     pub render_threads: Option<u32>,
+    /// Watch this cloud's preemption notices (`aws` or `gcp`): on notice, hand back the
+    /// running task and leave the mesh.
+    #[arg(long, value_name = "CLOUD")]
+    pub preemption: Option<String>,
 }
 
 /// `blendnet enroll`'s arguments.
@@ -329,6 +333,7 @@ fn up(data_dir: DataDir, args: UpArgs) -> anyhow::Result<()> {
         psk_file: args.psk_file,
         blender: args.blender,
         render_threads: args.render_threads,
+        preemption: args.preemption,
     };
     let config = Config::load(&data_dir, &overrides)?;
     if args.init && crate::node::may_init(&data_dir)? {
@@ -342,10 +347,13 @@ fn up(data_dir: DataDir, args: UpArgs) -> anyhow::Result<()> {
 
 /// Reads a cloud instance's user data and, unless this node is in a mesh or joining one
 /// already (an instance that reboots), prepares it to join with the token. Returns the
-/// bootstrap addresses to dial: none while joining (the token leads to the provisioner; a
+/// user data, with the bootstrap addresses to dial: none while joining (the token leads to the provisioner; a
 /// non-member dialling members as a bootstrap peer had its redemption of a spent token cut
 /// off instead of refused), the user data's once a member.
-fn enroll(data_dir: &DataDir, path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+fn enroll(
+    data_dir: &DataDir,
+    path: &std::path::Path,
+) -> anyhow::Result<blendnet_cloud::userdata::UserData> {
     use blendnet_cloud::userdata::{MAX_USER_DATA_BYTES, UserData};
     use std::io::Read as _;
     let mut text = String::new();
@@ -371,9 +379,12 @@ fn enroll(data_dir: &DataDir, path: &std::path::Path) -> anyhow::Result<Vec<Stri
         code.check_expiry(now)?;
         crate::node::join(data_dir, &code)?;
         eprintln!("enrolling in mesh {}", code.mesh);
-        return Ok(Vec::new());
+        return Ok(UserData {
+            bootstrap: Vec::new(),
+            ..data
+        });
     }
-    Ok(data.bootstrap)
+    Ok(data)
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -424,9 +435,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => up(data_dir, args)?,
         Command::Enroll(args) => {
             let mut up_args = args.up;
-            up_args
-                .bootstrap
-                .extend(enroll(&data_dir, &args.user_data)?);
+            let data = enroll(&data_dir, &args.user_data)?;
+            up_args.bootstrap.extend(data.bootstrap);
+            up_args.preemption = up_args.preemption.or(data.preemption);
             up_args.init = false;
             up(data_dir, up_args)?;
         }

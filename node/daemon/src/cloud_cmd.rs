@@ -206,7 +206,7 @@ async fn launch(
         roles: vec!["render".into()],
     })?;
     let code = InviteCode::decode(&invite.code).context("the daemon's invite is unreadable")?;
-    let user_data = provision::user_data(status, &code)?;
+    let user_data = provision::user_data(status, &code, provider.name())?;
     let types = match cloud.instance_type {
         Some(_) => Vec::new(),
         None => provider.instance_types().await?,

@@ -16,6 +16,7 @@
 //! # psk_file = "swarm.key"          # relative to the data directory
 //! # blender = "/opt/blender/blender"
 //! # render_threads = 4             # Blender's render threads (default: every core)
+//! # preemption = "aws"             # watch this cloud's preemption notices ("aws", "gcp")
 //! log_level = "info"
 //! max_log_files = 7
 //!
@@ -44,7 +45,7 @@ pub const DEFAULT_PORT: u16 = 7741;
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// Every key the file may contain, in the order the documentation lists them.
-pub const KEYS: [&str; 12] = [
+pub const KEYS: [&str; 13] = [
     "listen",
     "bootstrap",
     "api",
@@ -53,6 +54,7 @@ pub const KEYS: [&str; 12] = [
     "psk_file",
     "blender",
     "render_threads",
+    "preemption",
     "log_level",
     "max_log_files",
     "store",
@@ -92,6 +94,10 @@ pub struct Config {
     /// `render_threads`: how many threads Blender renders with on this node (Blender's `-t`):
     /// fewer leave cores to other work. Default none (every core). Flag: `--render-threads N`.
     pub render_threads: Option<u32>,
+    /// `preemption`: the cloud whose preemption notices this node watches (`"aws"`, `"gcp"`):
+    /// on notice it hands back its running task and leaves. Set by `blendnet enroll` from the
+    /// user data of a spot instance. Default none. Flag: `--preemption CLOUD`.
+    pub preemption: Option<String>,
     /// `log_level`: a tracing `EnvFilter` directive such as `"info"` or
     /// `"info,blendnet_net=debug"`. The `RUST_LOG` environment variable, when set, wins.
     /// Default `"info"`.
@@ -127,6 +133,7 @@ impl Default for Config {
             psk_file: None,
             blender: None,
             render_threads: None,
+            preemption: None,
             log_level: "info".to_owned(),
             max_log_files: 7,
             store_quota: None,
@@ -260,6 +267,8 @@ pub struct Overrides {
     pub blender: Option<PathBuf>,
     /// `--render-threads N`.
     pub render_threads: Option<u32>,
+    /// `--preemption CLOUD`.
+    pub preemption: Option<String>,
 }
 
 /// Where a configuration value came from, for error messages.
@@ -376,6 +385,7 @@ impl Config {
                 }
                 "blender" => config.blender = Some(field.parse(value)?),
                 "render_threads" => config.render_threads = Some(field.parse(value)?),
+                "preemption" => config.preemption = Some(field.parse(value)?),
                 "log_level" => config.log_level = field.parse(value)?,
                 "max_log_files" => config.max_log_files = field.parse(value)?,
                 "store" => {
@@ -475,6 +485,10 @@ impl Config {
             self.blender = Some(blender.clone());
             self.from_flags.insert("blender");
         }
+        if let Some(cloud) = &overrides.preemption {
+            self.preemption = Some(cloud.clone());
+            self.from_flags.insert("preemption");
+        }
         if let Some(threads) = overrides.render_threads {
             self.render_threads = Some(threads);
             self.from_flags.insert("render_threads");
@@ -529,6 +543,11 @@ impl Config {
         if self.max_log_files == 0 {
             return Err(self.invalid("max_log_files", "must be at least 1".to_owned()));
         }
+        if let Some(cloud) = &self.preemption
+            && let Err(e) = cloud.parse::<blendnet_cloud::preempt::Cloud>()
+        {
+            return Err(self.invalid("preemption", e));
+        }
         if self.render_threads == Some(0) {
             return Err(self.invalid(
                 "render_threads",
@@ -573,6 +592,7 @@ fn flag_name(key: &str) -> &'static str {
         "psk_file" => "--psk-file",
         "blender" => "--blender",
         "render_threads" => "--render-threads",
+        "preemption" => "--preemption",
         _ => "the command line",
     }
 }
@@ -907,9 +927,11 @@ mod tests {
             psk_file: None,
             blender: Some("/from/flag".into()),
             render_threads: None,
+            preemption: Some("gcp".into()),
         };
         let config = Config::load(&dir, &overrides).unwrap();
         assert_eq!(config.render_threads, Some(3));
+        assert_eq!(config.preemption.as_deref(), Some("gcp"));
         // Replaced, not appended to.
         assert_eq!(config.listen, ["/ip4/127.0.0.1/tcp/9100"]);
         // Not given on the command line: the file's value stays.
@@ -941,6 +963,16 @@ mod tests {
         let msg = Config::load(&dir, &overrides).unwrap_err().to_string();
         assert!(
             msg.starts_with("invalid value for `render_threads` from --render-threads"),
+            "{msg}"
+        );
+        let overrides = Overrides {
+            preemption: Some("azure".into()),
+            ..Overrides::default()
+        };
+        let msg = Config::load(&dir, &overrides).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("invalid value for `preemption` from --preemption")
+                && msg.contains("\"azure\""),
             "{msg}"
         );
     }

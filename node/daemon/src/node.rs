@@ -28,6 +28,7 @@ use crate::provision::Provisioner;
 use crate::render::{Render, RenderMessage};
 use crate::state::State;
 use anyhow::{Context, anyhow, bail};
+use blendnet_cloud::preempt;
 use blendnet_core::job::TaskState;
 use blendnet_core::{Invites, Roster};
 use blendnet_net::{
@@ -43,6 +44,9 @@ use tokio::sync::{mpsc, watch};
 
 /// How long a graceful shutdown may take before the daemon exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a preempted node waits for its coordinator to take the running task back before
+/// it leaves anyway (AWS gives two minutes' notice, GCP thirty seconds).
+const HAND_BACK_WITHIN: Duration = Duration::from_secs(5);
 
 /// Least time between two statuses sent for render progress: peers' views are read by people
 /// and by the add-on every few seconds.
@@ -446,7 +450,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
     let backend = NodeBackend {
         net: net.clone(),
         blobs,
-        board,
+        board: board.clone(),
         work_dir: data_dir.path().join(WORK_DIR),
     };
     let api_task = tokio::spawn(api::serve(
@@ -458,10 +462,34 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
     api::publish(&data_dir, api_addr, &token).context("publishing the API address")?;
     tracing::info!(api = %api_addr, "local API ready");
 
+    // A spot instance leaves when its cloud says it is about to be taken: the running task
+    // goes back to its coordinator now rather than when its lease runs out.
+    let preemption = async {
+        match config
+            .preemption
+            .as_deref()
+            .map(str::parse::<preempt::Cloud>)
+        {
+            Some(Ok(cloud)) => preempt::Watcher::new(cloud).notice(preempt::POLL).await,
+            _ => std::future::pending().await,
+        }
+    };
+    tokio::pin!(preemption);
+
     let result = loop {
         tokio::select! {
             _ = signal() => {
                 tracing::info!("shutting down (a second signal exits at once)");
+                break Ok(());
+            }
+            notice = &mut preemption => {
+                tracing::warn!(kind = notice.kind, detail = %notice.detail, "preemption notice: handing back the running task and leaving");
+                match tokio::time::timeout(HAND_BACK_WITHIN, board.drain()).await {
+                    Ok(Ok(true)) => tracing::info!("handed the running task back to its coordinator"),
+                    Ok(Ok(false)) => tracing::info!("no task was running"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not hand back the running task"),
+                    Err(_) => tracing::warn!("the coordinator did not take the task back in time; its lease will run out"),
+                }
                 break Ok(());
             }
             event = events.recv() => match event {

@@ -37,8 +37,13 @@ use crate::config::CloudConfig;
 /// How often the provisioner looks at the mesh and the cloud.
 pub const TICK: Duration = Duration::from_secs(2);
 
-/// What an instance is told about the mesh and this node, with its one-time invite.
-pub fn user_data(status: &NodeStatus, code: &InviteCode) -> anyhow::Result<UserData> {
+/// What an instance of `provider` is told about the mesh and this node, with its one-time
+/// invite; a spot instance of a cloud with preemption notices is told to watch them.
+pub fn user_data(
+    status: &NodeStatus,
+    code: &InviteCode,
+    provider: &str,
+) -> anyhow::Result<UserData> {
     let mesh = status
         .mesh_id
         .clone()
@@ -55,6 +60,10 @@ pub fn user_data(status: &NodeStatus, code: &InviteCode) -> anyhow::Result<UserD
         provisioner: status.peer_id.clone(),
         token: code.encode(),
         expires_at: code.expires_at,
+        preemption: provider
+            .parse::<blendnet_cloud::preempt::Cloud>()
+            .is_ok()
+            .then(|| provider.to_owned()),
     })
 }
 
@@ -319,7 +328,7 @@ impl Provisioner {
             .invite(ttl, Roles::from(Role::Render))
             .await?
             .map_err(|e| anyhow!("making an invite for a new instance: {e}"))?;
-        let user_data = user_data(status, &code)?;
+        let user_data = user_data(status, &code, self.provider.name())?;
         let specs = launch_specs(&self.cloud, types, &user_data, &code);
         Ok(launch_first(&*self.provider, &specs).await?)
     }
