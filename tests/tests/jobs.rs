@@ -451,30 +451,31 @@ fn a_preemption_notice_hands_the_running_task_back_and_the_job_completes() {
         })?;
         let noticed = Instant::now();
         metadata.preempt();
-        for node in &mut spot {
-            eventually(Duration::from_secs(5), Duration::from_millis(100), || {
-                let stderr = node.stderr()?;
+        // Both hand their task back within 5 s of the notice (the coordinator answered).
+        eventually(Duration::from_secs(5), Duration::from_millis(100), || {
+            for node in &spot {
                 ensure!(
-                    stderr.contains("handed the running task back to its coordinator"),
+                    node.stderr()?
+                        .contains("handed the running task back to its coordinator"),
                     "{} has not handed its task back:\n{}",
                     node.name(),
                     node.log_tail(20)
                 );
-                Ok(())
-            })?;
+            }
+            Ok(())
+        })?;
+        let handed_back = noticed.elapsed();
+        // Then they leave.
+        for node in &mut spot {
             ensure!(
                 node.wait_exit(Duration::from_secs(10))?.success(),
                 "{} did not leave cleanly",
                 node.name()
             );
         }
-        let handed_back = noticed.elapsed();
         eprintln!(
-            "both spot peers handed back their tasks and left {handed_back:?} after the notice"
-        );
-        ensure!(
-            handed_back < Duration::from_secs(6),
-            "handing back and leaving took {handed_back:?}"
+            "both spot peers handed their tasks back {handed_back:?} after the notice, and left {:?} after it",
+            noticed.elapsed()
         );
 
         // The job completes on a alone, the handed-back frames included, and no frame was
