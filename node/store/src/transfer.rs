@@ -666,6 +666,12 @@ pub async fn fetch<D: Dialer>(
     let mut ticks: u64 = 0;
     let mut done_bytes = report.resumed_bytes;
     while !picker.is_complete() {
+        // With no peer left that may come to hold pieces, requests insist (below), so a
+        // deferral from before (to a peer since found empty, hinted or not) must not keep its
+        // pieces from being asked for again.
+        if watching.is_empty() {
+            picker.forget_deferrals();
+        }
         for peer in live.clone() {
             while picker.in_flight_from(&peer) < MAX_IN_FLIGHT_PER_PROVIDER {
                 let Some(piece) = picker.next(&peer) else {
@@ -1194,6 +1200,51 @@ mod tests {
         assert!(
             started.elapsed() < SEED_WINDOW,
             "took {:?}: the fetch waited for the stale announcement",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_seeder_deferring_to_a_peer_that_deleted_the_blob_still_serves_the_fetch() {
+        let bytes = data(3 * PIECE_BYTES as usize, 10);
+        let (seed, hash) = seeded(&bytes);
+        let dialer = MemDialer::default();
+        let (seeder, other, third) = (PeerId::random(), PeerId::random(), PeerId::random());
+        dialer.add(seeder, seed.store.clone(), Behaviour::Honest);
+        // `third` fetched the blob from the seeder and deleted it: within its seeding window
+        // the seeder sends further fetchers of those pieces elsewhere.
+        let theirs = TestStore::new(None);
+        fetch(
+            &theirs.store,
+            Arc::new(dialer.as_peer(third)),
+            hash,
+            &[seeder],
+            2,
+            |_| {},
+        )
+        .await
+        .unwrap();
+        // `other`, a peer this fetch was told may hold it (not announced: no hint), holds
+        // nothing. Once it has answered so a few times, the seeder must be asked to insist.
+        let empty = TestStore::new(None);
+        dialer.add(other, empty.store.clone(), Behaviour::Honest);
+        let me = TestStore::new(None);
+        let started = std::time::Instant::now();
+        let report = fetch(
+            &me.store,
+            Arc::new(dialer.as_peer(PeerId::random())),
+            hash,
+            &[seeder, other],
+            4,
+            |_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(read_blob(&me.store, &hash), bytes);
+        assert_eq!(report.bytes_from.keys().collect::<Vec<_>>(), vec![&seeder]);
+        assert!(
+            started.elapsed() < SEED_WINDOW,
+            "took {:?}: the fetch waited out the seeder's window",
             started.elapsed()
         );
     }
