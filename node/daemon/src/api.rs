@@ -29,6 +29,7 @@
 //! | `GET /v1/jobs/{id}/preview?frame=N&size=PX` | – | `image/png`: the merge of the frame's slices so far |
 //! | `POST /v1/jobs/{id}/fetch` | [`FetchRequest`] | [`FetchView`]: the finished frames, copied into a folder |
 //! | `GET /v1/events` | – | server-sent events, one [`JobChange`] per job change |
+//! | `POST /v1/cost` | [`CostRequest`] | [`CostView`](crate::cost_cmd::CostView): a job's time and money per instance type (answers after a probe render of a few seconds) |
 //!
 //! Status codes: 400 bad request (malformed JSON, wrong fields, a value the backend refuses),
 //! 401 missing or wrong token, 404 unknown route or thing, 405 wrong method, 409 conflict, 413
@@ -95,6 +96,24 @@ pub struct SubmitRequest {
     /// Where this node puts the finished frames (an absolute path), whoever renders them.
     #[serde(default)]
     pub out: Option<String>,
+}
+
+/// `POST /v1/cost`: estimate a job on a cloud provider's instance types from a short probe
+/// render of the scene on the daemon's machine (what `blendnet cost` prints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostRequest {
+    /// The `.blend`: an absolute path on the daemon's machine.
+    pub scene: String,
+    /// The frames (default: the scene's range).
+    #[serde(default)]
+    pub frames: Option<Vec<u32>>,
+    /// Samples per frame (default: the scene's).
+    #[serde(default)]
+    pub samples: Option<u32>,
+    /// `local`, `aws` or `gcp` (default: the `[cloud]` table's provider).
+    #[serde(default)]
+    pub provider: Option<String>,
 }
 
 /// A job's id, as submitted or cancelled.
@@ -360,6 +379,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<FetchView, ApiError>> + Send;
     /// `DELETE /v1/jobs/{id}`.
     fn cancel(&self, id: String) -> impl Future<Output = Result<JobRef, ApiError>> + Send;
+    /// `POST /v1/cost`: answers after the probe render.
+    fn cost(
+        &self,
+        req: CostRequest,
+    ) -> impl Future<Output = Result<crate::cost_cmd::CostView, ApiError>> + Send;
     /// `GET /v1/events`: job changes from now on.
     fn job_changes(&self) -> Result<tokio::sync::broadcast::Receiver<JobChange>, ApiError>;
 }
@@ -390,6 +414,7 @@ pub fn router<B: Backend>(token: String, backend: B) -> Router {
         .route("/v1/jobs/{id}/preview", get(job_preview::<B>))
         .route("/v1/jobs/{id}/fetch", post(job_fetch::<B>))
         .route("/v1/events", get(events::<B>))
+        .route("/v1/cost", post(cost::<B>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(backend)
@@ -635,6 +660,16 @@ async fn submit<B: Backend>(
     }
 }
 
+async fn cost<B: Backend>(
+    State(backend): State<B>,
+    body: Result<axum::Json<CostRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(axum::Json(req)) => reply(backend.cost(req).await),
+        Err(rejection) => json_rejection(rejection),
+    }
+}
+
 async fn job_logs<B: Backend>(State(backend): State<B>, Path(id): Path<String>) -> Response {
     reply(backend.job_logs(id).await)
 }
@@ -803,6 +838,10 @@ pub(crate) mod fake {
 
         fn job_changes(&self) -> Result<tokio::sync::broadcast::Receiver<JobChange>, ApiError> {
             Err(ApiError::Unavailable("no job board here".into()))
+        }
+
+        async fn cost(&self, req: CostRequest) -> Result<crate::cost_cmd::CostView, ApiError> {
+            Err(ApiError::BadRequest(format!("{} is not a file", req.scene)))
         }
     }
 
@@ -1026,6 +1065,24 @@ mod tests {
         ok.extend_from_slice(br#""}"#);
         let (status, _, _) = raw(addr, "POST", "/v1/admit", Some(&bearer()), Some(&ok)).await;
         assert_eq!(status, 200);
+    }
+
+    #[tokio::test]
+    async fn cost_takes_a_scene_and_names_what_is_wrong() {
+        let (addr, _stop, _task) = fake::spawn(TOKEN).await;
+        let body = br#"{"scene": "/nope/shot.blend", "frames": [1, 2], "provider": "local"}"#;
+        let (status, _, _) = raw(addr, "POST", "/v1/cost", None, Some(body)).await;
+        assert_eq!(status, 401);
+        let (status, _, json) = raw(addr, "POST", "/v1/cost", Some(&bearer()), Some(body)).await;
+        assert_eq!(status, 400);
+        assert!(
+            json["error"].as_str().unwrap().contains("/nope/shot.blend"),
+            "{json}"
+        );
+        let odd = br#"{"scene": "/a.blend", "sample": 3}"#;
+        let (status, _, json) = raw(addr, "POST", "/v1/cost", Some(&bearer()), Some(odd)).await;
+        assert_eq!(status, 400);
+        assert!(json["error"].as_str().unwrap().contains("sample"), "{json}");
     }
 
     #[tokio::test]

@@ -227,6 +227,14 @@ impl Client {
         self.post_long("/v1/jobs", req)
     }
 
+    /// `POST /v1/cost`: answers after the daemon's probe render (seconds).
+    pub fn cost(
+        &self,
+        req: &crate::api::CostRequest,
+    ) -> Result<crate::cost_cmd::CostView, ClientError> {
+        self.post_long("/v1/cost", req)
+    }
+
     /// `DELETE /v1/jobs/{id}`.
     pub fn cancel(&self, id: &str) -> Result<JobRef, ClientError> {
         let response = self

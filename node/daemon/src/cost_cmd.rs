@@ -12,8 +12,10 @@
 //!    provisioner would keep for the job, and the estimate ([`blendnet_cloud::cost`], where
 //!    the model and its assumptions are written down).
 //!
-//! It needs no running daemon: it reads the `[cloud]` table of `blendnet.toml` for the provider
-//! and the provisioner's limits.
+//! The daemon answers the same estimate on `POST /v1/cost` ([`serve`]), for the add-on; the CLI
+//! asks the daemon of its data dir when one runs (and no `--blender` is given), else it probes
+//! by itself: no daemon is needed. Either reads the `[cloud]` table of `blendnet.toml` for the
+//! provider and the provisioner's limits.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -24,6 +26,8 @@ use blendnet_cloud::cost::{self, Boot, Estimate, Offer, Probe, Work};
 use blendnet_render::{RenderTask, SliceMode, Worker};
 use serde::{Deserialize, Serialize};
 
+use crate::api::{ApiError, CostRequest};
+use crate::client::{Client, ClientError};
 use crate::config::{CloudConfig, Config, Overrides};
 use crate::data_dir::DataDir;
 
@@ -32,8 +36,9 @@ pub const PROBE_LOW: u32 = 4;
 /// Samples of the probe's long render, at first.
 pub const PROBE_HIGH: u32 = 16;
 /// The long render is rendered again with 4 times the samples while it takes less than this
-/// much longer than the short one: a shorter difference is mostly timer and scheduling noise.
-pub const PROBE_MIN_SPAN: Duration = Duration::from_millis(1500);
+/// much longer than the short one: a shorter difference is mostly timer and scheduling noise,
+/// and on a shared machine a longer probe averages the others' load over more time.
+pub const PROBE_MIN_SPAN: Duration = Duration::from_secs(3);
 /// Most samples of the long render: bounds the probe's time on a scene whose samples are cheap.
 pub const PROBE_MAX_SAMPLES: u32 = 1024;
 
@@ -126,6 +131,23 @@ pub fn run(data_dir: &DataDir, args: CostArgs) -> anyhow::Result<()> {
     if args.samples == Some(0) {
         bail!("--samples: a frame needs at least 1 sample");
     }
+    // The daemon, when one runs, answers as it answers the add-on.
+    if args.blender.is_none() {
+        let request = CostRequest {
+            scene: scene
+                .to_str()
+                .context("the scene's path is not UTF-8")?
+                .to_owned(),
+            frames: frames.clone(),
+            samples: args.samples,
+            provider: args.provider.clone(),
+        };
+        match Client::connect(data_dir).and_then(|client| client.cost(&request)) {
+            Ok(view) => return show(&view, args.json),
+            Err(ClientError::NotRunning { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let blender = blendnet_render::discovery::locate_blender(
         args.blender.as_deref(),
         std::env::var_os("BLENDNET_BLENDER").as_deref(),
@@ -145,12 +167,76 @@ pub fn run(data_dir: &DataDir, args: CostArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(estimate(&blender, &staging, &request, &*provider, &cloud))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
+    show(&view, args.json)
+}
+
+fn show(view: &CostView, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(view)?);
     } else {
-        print_table(&view);
+        print_table(view);
     }
     Ok(())
+}
+
+/// What the daemon's `POST /v1/cost` needs of its configuration.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    pub data_dir: DataDir,
+    /// The configured Blender (`blender` in the file, `--blender`), if any.
+    pub blender: Option<PathBuf>,
+    /// `render_threads`.
+    pub threads: Option<u32>,
+    /// The `[cloud]` table.
+    pub cloud: Option<CloudConfig>,
+}
+
+/// Answers `POST /v1/cost`. Cancel-safe: a dropped request kills the probe's Blender.
+pub async fn serve(daemon: &Daemon, req: CostRequest) -> Result<CostView, ApiError> {
+    let bad = |e: anyhow::Error| ApiError::BadRequest(format!("{e:#}"));
+    let scene = PathBuf::from(&req.scene);
+    if !scene.is_absolute() {
+        return Err(ApiError::BadRequest(format!(
+            "{:?} is not an absolute path",
+            req.scene
+        )));
+    }
+    if !scene.is_file() {
+        return Err(ApiError::BadRequest(format!("{} is not a file", req.scene)));
+    }
+    if req.frames.as_ref().is_some_and(Vec::is_empty) {
+        return Err(ApiError::BadRequest("frames: the list is empty".into()));
+    }
+    if req.samples == Some(0) {
+        return Err(ApiError::BadRequest(
+            "samples: a frame needs at least 1 sample".into(),
+        ));
+    }
+    let cloud = cloud_config(
+        &daemon.data_dir,
+        daemon.cloud.clone(),
+        req.provider.as_deref(),
+    )
+    .map_err(bad)?;
+    let blender = blendnet_render::discovery::locate_blender(
+        daemon.blender.as_deref(),
+        std::env::var_os("BLENDNET_BLENDER").as_deref(),
+        std::env::var_os("PATH").as_deref(),
+    )
+    .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let provider = crate::cloud_cmd::provider(&cloud).map_err(bad)?;
+    let staging = daemon.data_dir.path().join("tmp");
+    std::fs::create_dir_all(&staging)
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", staging.display())))?;
+    let request = Request {
+        scene,
+        frames: req.frames,
+        samples: req.samples,
+        threads: daemon.threads,
+    };
+    estimate(&blender, &staging, &request, &*provider, &cloud)
+        .await
+        .map_err(bad)
 }
 
 /// The `[cloud]` table to estimate with: the file's, with `provider` in its place when one is

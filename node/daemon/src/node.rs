@@ -452,6 +452,12 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         blobs,
         board: board.clone(),
         work_dir: data_dir.path().join(WORK_DIR),
+        cost: crate::cost_cmd::Daemon {
+            data_dir: data_dir.clone(),
+            blender: config.blender.clone(),
+            threads: config.render_threads,
+            cloud: config.cloud.clone(),
+        },
     };
     let api_task = tokio::spawn(api::serve(
         listener,
@@ -573,6 +579,8 @@ struct NodeBackend {
     board: Board,
     /// `<data dir>/work`: jobs' scenes and task logs.
     work_dir: PathBuf,
+    /// What `POST /v1/cost` needs.
+    cost: crate::cost_cmd::Daemon,
 }
 
 /// Most task logs returned at once, and most bytes of each: a log is a few lines and Blender's
@@ -670,6 +678,13 @@ fn stopped_error(_: blendnet_net::Stopped) -> ApiError {
 impl Backend for NodeBackend {
     async fn status(&self) -> Result<StatusView, ApiError> {
         self.net.status().await.map_err(stopped_error)
+    }
+
+    async fn cost(
+        &self,
+        req: crate::api::CostRequest,
+    ) -> Result<crate::cost_cmd::CostView, ApiError> {
+        crate::cost_cmd::serve(&self.cost, req).await
     }
 
     async fn peers(&self, pending: bool) -> Result<serde_json::Value, ApiError> {
