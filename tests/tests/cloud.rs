@@ -8,6 +8,31 @@ use serde_json::json;
 
 const ONLINE_WITHIN: Duration = Duration::from_secs(30);
 
+/// Held by the tests that render: two renders at once on a 2-core machine would halve each
+/// one's speed, and the cost test compares a render's time with an estimate made alone.
+static RENDERING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rendering_alone() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed while holding it leaves it poisoned; the machine is free again.
+    RENDERING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `blendnet render SCENE ARGS... --wait --json` on `node`: the job's id, once it is done.
+fn render_and_wait(
+    node: &Node,
+    scene: &str,
+    args: &[&str],
+    within: Duration,
+) -> anyhow::Result<String> {
+    let mut all = vec!["render", scene];
+    all.extend(args);
+    all.extend(["--wait", "--json"]);
+    let out = node.cli_ok_within(&all, within)?;
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().context("no output")?)?;
+    ensure!(last["state"] == "done", "the job did not finish: {out}");
+    Ok(last["job"].as_str().context("job")?.to_owned())
+}
+
 /// Writes `user_data` beside `node`'s data dir; the arguments of `blendnet enroll` with it.
 fn enroll_args(node: &Node, user_data: &str) -> anyhow::Result<Vec<String>> {
     let file = node.data_dir().with_file_name("user-data");
@@ -95,6 +120,7 @@ fn an_instance_enrolls_with_its_user_data_once_and_a_replayed_token_is_refused()
 #[test]
 fn cloud_up_starts_a_local_instance_that_joins_renders_and_goes_with_cloud_down() {
     e2e(|| {
+        let _alone = rendering_alone();
         let (mut a, _) = Node::init("provisioner")?;
         std::fs::write(
             a.data_dir().join("blendnet.toml"),
@@ -131,22 +157,13 @@ fn cloud_up_starts_a_local_instance_that_joins_renders_and_goes_with_cloud_down(
         // A job on a mesh whose only render peer is the instance.
         let scene = a.data_dir().with_file_name("project").join("shot.blend");
         make_scene(&scene, "")?;
-        let out = a.cli_ok_within(
-            &[
-                "render",
-                scene.to_str().context("UTF-8")?,
-                "--frames",
-                "1",
-                "--wait",
-                "--json",
-            ],
+        let job = render_and_wait(
+            &a,
+            scene.to_str().context("UTF-8")?,
+            &["--frames", "1"],
             Duration::from_secs(180),
         )?;
-        let last: serde_json::Value =
-            serde_json::from_str(out.lines().last().context("no output")?)?;
-        ensure!(last["state"] == "done", "the job did not finish: {out}");
-        let job = last["job"].as_str().context("job")?;
-        let view = a.cli_json(&["status", job, "--json"])?;
+        let view = a.cli_json(&["status", &job, "--json"])?;
         let renderers: std::collections::BTreeSet<&str> = view["tasks"]
             .as_array()
             .context("tasks")?
@@ -182,11 +199,12 @@ fn cloud_up_starts_a_local_instance_that_joins_renders_and_goes_with_cloud_down(
 #[test]
 fn pending_work_starts_instances_that_render_it_and_are_terminated_when_idle() {
     e2e(|| {
+        let _alone = rendering_alone();
         let (mut a, _) = Node::init("provisioner")?;
         std::fs::write(
             a.data_dir().join("blendnet.toml"),
             "[cloud]\nprovider = \"local\"\njoin_timeout = \"5m\"\nmax_instances = 2\n\
-             idle_grace = \"4s\"\n\
+             idle_grace = \"12s\"\ncert_lifetime = \"8s\"\n\
              local_args = [\"--listen\", \"/ip4/127.0.0.1/tcp/0\", \"--api\", \"127.0.0.1:0\", \"--no-mdns\"]\n",
         )?;
         // The provisioner does not render: the mesh has no render peer until it starts one.
@@ -202,27 +220,18 @@ fn pending_work_starts_instances_that_render_it_and_are_terminated_when_idle() {
 
         let scene = a.data_dir().with_file_name("project").join("shot.blend");
         make_scene(&scene, "")?;
-        let out = a.cli_ok_within(
-            &[
-                "render",
-                scene.to_str().context("UTF-8")?,
-                "--frames",
-                "1",
-                "--wait",
-                "--json",
-            ],
+        let job = render_and_wait(
+            &a,
+            scene.to_str().context("UTF-8")?,
+            &["--frames", "1"],
             Duration::from_secs(240),
         )?;
-        let last: serde_json::Value =
-            serde_json::from_str(out.lines().last().context("no output")?)?;
-        ensure!(last["state"] == "done", "the job did not finish: {out}");
         let started = instances(&a)?;
         ensure!(
             (1..=2).contains(&started.len()),
             "expected 1 or 2 instances (max_instances = 2): {started:?}"
         );
-        let job = last["job"].as_str().context("job")?;
-        let view = a.cli_json(&["status", job, "--json"])?;
+        let view = a.cli_json(&["status", &job, "--json"])?;
         let me = a.peer_id()?;
         let renderers: std::collections::BTreeSet<String> = view["tasks"]
             .as_array()
@@ -233,6 +242,20 @@ fn pending_work_starts_instances_that_render_it_and_are_terminated_when_idle() {
         ensure!(
             !renderers.is_empty() && !renderers.contains(&me),
             "rendered by {renderers:?}: the instances render, not the provisioner"
+        );
+
+        // Their certificates last 8 s; renewed, the instances are still members well after.
+        let launched = started
+            .iter()
+            .filter_map(|i| i["launched_at"].as_u64())
+            .min()
+            .context("launched_at")?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        std::thread::sleep(Duration::from_secs((launched + 14).saturating_sub(now)));
+        let online = blendnet_tests::online_peers(&a.peers()?)?;
+        ensure!(
+            renderers.iter().all(|r| online.contains(r)),
+            "an instance dropped out before its idle grace: {renderers:?} are not all in {online:?}"
         );
 
         // Idle for the grace: terminated, and their peers revoked from the mesh.
@@ -276,6 +299,7 @@ fn pending_work_starts_instances_that_render_it_and_are_terminated_when_idle() {
 #[test]
 fn the_cost_estimate_of_a_local_run_is_within_a_quarter_of_its_measured_time() {
     e2e(|| {
+        let _alone = rendering_alone();
         let (mut a, _) = Node::init("provisioner")?;
         std::fs::write(
             a.data_dir().join("blendnet.toml"),
@@ -328,16 +352,9 @@ fn the_cost_estimate_of_a_local_run_is_within_a_quarter_of_its_measured_time() {
             "money of {low} s at $3.60/h: {e}"
         );
 
-        let out = a.cli_ok_within(
-            &["render", scene, "--wait", "--json"],
-            Duration::from_secs(240),
-        )?;
+        let job = render_and_wait(&a, scene, &[], Duration::from_secs(240))?;
         let done_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
-        let last: serde_json::Value =
-            serde_json::from_str(out.lines().last().context("no output")?)?;
-        ensure!(last["state"] == "done", "the job did not finish: {out}");
-        let job = last["job"].as_str().context("job")?;
-        let view = a.cli_json(&["status", job, "--json"])?;
+        let view = a.cli_json(&["status", &job, "--json"])?;
         let submitted = view["spec"]["submitted_at"]
             .as_u64()
             .context("submitted_at")?;

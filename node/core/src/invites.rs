@@ -26,6 +26,10 @@ pub struct Invite {
     pub expires_at: UnixTime,
     /// The peer that redeemed it, once it has been.
     pub used_by: Option<PeerId>,
+    /// How long the certificate given on redemption lasts (seconds); none: a member's usual
+    /// lifetime. Cloud instances get short ones, renewed by their provisioner while they live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_lifetime_secs: Option<u64>,
 }
 
 /// The invites of one inviter. Serialized as a list of `(token, invite)` pairs, so formats
@@ -51,16 +55,28 @@ impl From<Invites> for Vec<(Token, Invite)> {
 }
 
 impl Invites {
-    /// Records a new invite.
-    pub fn issue(&mut self, token: Token, roles: Roles, expires_at: UnixTime) {
+    /// Records a new invite; its certificate lasts `cert_lifetime_secs` when given.
+    pub fn issue(
+        &mut self,
+        token: Token,
+        roles: Roles,
+        expires_at: UnixTime,
+        cert_lifetime_secs: Option<u64>,
+    ) {
         self.invites.insert(
             token,
             Invite {
                 roles,
                 expires_at,
                 used_by: None,
+                cert_lifetime_secs,
             },
         );
+    }
+
+    /// How long the certificate of `token`'s redeemer lasts, if the invite says.
+    pub fn cert_lifetime(&self, token: &Token) -> Option<u64> {
+        self.invites.get(token).and_then(|i| i.cert_lifetime_secs)
     }
 
     /// Redeems `token` for `peer` at `now`, returning the roles to certify.
@@ -118,13 +134,19 @@ mod tests {
     #[test]
     fn invites_survive_a_json_round_trip() {
         let mut inv = Invites::default();
-        inv.issue(Token([7; 16]), Roles::default_member(), 100);
+        inv.issue(Token([7; 16]), Roles::default_member(), 100, Some(3600));
         let a = PeerId::random();
         inv.redeem(&Token([7; 16]), a, 1).unwrap();
-        inv.issue(Token([8; 16]), Roles::default_member(), 200);
+        inv.issue(Token([8; 16]), Roles::default_member(), 200, None);
         let text = serde_json::to_string(&inv).unwrap();
         let back: Invites = serde_json::from_str(&text).unwrap();
         assert_eq!(back, inv);
+        assert_eq!(back.cert_lifetime(&Token([7; 16])), Some(3600));
+        assert_eq!(back.cert_lifetime(&Token([8; 16])), None);
+        // Invites saved before certificate lifetimes existed still read.
+        let old: Invites =
+            serde_json::from_str(&text.replace(",\"cert_lifetime_secs\":3600", "")).unwrap();
+        assert_eq!(old.cert_lifetime(&Token([7; 16])), None);
         // A redeemed invite stays redeemed after the round trip.
         let mut back = back;
         assert_eq!(
@@ -137,8 +159,8 @@ mod tests {
     fn the_redeemer_of_a_tagged_invite_is_found_by_its_tag() {
         let mut inv = Invites::default();
         let (t1, t2) = (Token([1; 16]), Token([2; 16]));
-        inv.issue(t1, Roles::default_member(), 100);
-        inv.issue(t2, Roles::default_member(), 100);
+        inv.issue(t1, Roles::default_member(), 100, None);
+        inv.issue(t2, Roles::default_member(), 100, None);
         let a = PeerId::random();
         inv.redeem(&t2, a, 1).unwrap();
         assert_ne!(token_tag(&t1), token_tag(&t2));
@@ -152,7 +174,7 @@ mod tests {
     fn an_invite_is_single_use_expires_and_retries_are_idempotent() {
         let mut inv = Invites::default();
         let t = Token([1; 16]);
-        inv.issue(t, Roles::default_member(), 100);
+        inv.issue(t, Roles::default_member(), 100, None);
         assert!(inv.any_open(50));
         let a = PeerId::random();
         assert_eq!(inv.redeem(&t, a, 50), Ok(Roles::default_member()));
@@ -164,7 +186,7 @@ mod tests {
         assert!(!inv.any_open(50));
 
         let t2 = Token([2; 16]);
-        inv.issue(t2, Roles::default_member(), 100);
+        inv.issue(t2, Roles::default_member(), 100, None);
         assert_eq!(inv.redeem(&t2, a, 101), Err(Refusal::Expired));
         assert_eq!(
             inv.redeem(&Token([3; 16]), a, 0),

@@ -136,6 +136,10 @@ pub struct InviteRequest {
     pub ttl_secs: u64,
     /// Roles the joining peer receives.
     pub roles: Vec<String>,
+    /// How long the joining peer's certificate lasts, in seconds (default: a member's usual
+    /// ten years). Cloud instances get short ones that their provisioner renews.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_lifetime_secs: Option<u64>,
 }
 
 /// An invite code and when it expires.

@@ -450,6 +450,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let view = Client::connect(&data_dir)?.invite(&InviteRequest {
                 ttl_secs,
                 roles: parsed.names(),
+                cert_lifetime_secs: None,
             })?;
             println!("{}", view.code);
         }

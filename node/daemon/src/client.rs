@@ -420,6 +420,7 @@ mod tests {
             .invite(&InviteRequest {
                 ttl_secs: 600,
                 roles: vec!["render".into()],
+                cert_lifetime_secs: None,
             })
             .unwrap();
         assert_eq!(invite.code, "code:render");

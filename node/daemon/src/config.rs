@@ -160,6 +160,9 @@ impl Default for Config {
 /// idle_grace = "5m"             # an instance without a task this long is terminated
 /// horizon = "10m"               # start enough to finish the pending work within this
 /// budget_per_hour = 2.0         # US dollars: the instances alive at once never cost more
+/// cert_lifetime = "6h"          # an instance's certificate lasts this long; renewed at half
+///                               # while the instance lives, so a machine that is gone drops
+///                               # out of the mesh by itself
 /// local_root = "instances"      # local: where instances live, relative to the data dir
 /// local_args = ["--no-mdns"]    # local: more flags for `blendnet enroll`
 /// local_price_per_hour = 0.0    # local: the price the instances are billed at (US dollars;
@@ -193,6 +196,8 @@ pub struct CloudConfig {
     #[serde(default)]
     pub budget_per_hour: Option<f64>,
     #[serde(default)]
+    pub cert_lifetime: Option<String>,
+    #[serde(default)]
     pub local_root: Option<PathBuf>,
     #[serde(default)]
     pub local_args: Vec<String>,
@@ -222,7 +227,18 @@ pub struct CloudConfig {
     pub gcp_token_uri: Option<String>,
 }
 
+/// How long an instance's certificate lasts when `cert_lifetime` is not set.
+pub const DEFAULT_CERT_LIFETIME_SECS: u64 = 6 * 3600;
+
 impl CloudConfig {
+    /// How long the certificate of an instance lasts (checked when the table was read).
+    pub fn cert_lifetime_secs(&self) -> u64 {
+        self.cert_lifetime
+            .as_deref()
+            .and_then(|t| crate::cli::parse_ttl(t).ok())
+            .unwrap_or(DEFAULT_CERT_LIFETIME_SECS)
+    }
+
     /// The provisioner's limits from the table (durations were checked when it was read).
     pub fn limits(&self) -> blendnet_cloud::policy::Limits {
         let defaults = blendnet_cloud::policy::Limits::default();
@@ -420,6 +436,7 @@ impl Config {
                         ("idle_grace", &cloud.idle_grace),
                         ("horizon", &cloud.horizon),
                         ("gcp_max_run_duration", &cloud.gcp_max_run_duration),
+                        ("cert_lifetime", &cloud.cert_lifetime),
                     ] {
                         if let Some(ttl) = ttl {
                             crate::cli::parse_ttl(ttl)
@@ -760,6 +777,7 @@ mod tests {
         assert_eq!(limits.join_timeout_secs, 900);
         // $1.50 an hour over a half-hour horizon: 75 cents to spend.
         assert_eq!(limits.budget_left, Some(0.75));
+        assert_eq!(cloud.cert_lifetime_secs(), DEFAULT_CERT_LIFETIME_SECS);
         // No max_instances: the provisioner starts nothing by itself.
         let (_tmp, dir) = dir_with(Some("[cloud]\nprovider = \"local\"\n"));
         let cloud = Config::load(&dir, &Overrides::default())

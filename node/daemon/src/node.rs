@@ -430,8 +430,17 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
     }
     let _blob_server = blobs.spawn_server().context("serving blobs")?;
 
-    if let Some(cloud) = config.cloud.as_ref().filter(|c| c.max_instances > 0) {
-        let provider = crate::cloud_cmd::provider(cloud)?;
+    // With a [cloud] table, the provisioner: it starts instances only with max_instances above
+    // 0, but also renews and reaps those started by hand. Without credentials in this
+    // daemon's environment, that is an error only when it is to start instances itself.
+    let provider = match config.cloud.as_ref().map(crate::cloud_cmd::provider) {
+        Some(Err(e)) if config.cloud.as_ref().is_some_and(|c| c.max_instances == 0) => {
+            tracing::warn!(error = %format!("{e:#}"), "the [cloud] provider is unusable here: instances started by hand are not renewed or reaped");
+            None
+        }
+        other => other.transpose()?,
+    };
+    if let (Some(cloud), Some(provider)) = (&config.cloud, provider) {
         let provisioner = Provisioner::new(
             provider,
             cloud.clone(),
@@ -709,7 +718,11 @@ impl Backend for NodeBackend {
         }
         let code = self
             .net
-            .invite(Duration::from_secs(req.ttl_secs), roles)
+            .invite(
+                Duration::from_secs(req.ttl_secs),
+                roles,
+                req.cert_lifetime_secs.map(Duration::from_secs),
+            )
             .await
             .map_err(stopped_error)?
             .map_err(|e| match e {

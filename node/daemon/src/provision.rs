@@ -14,6 +14,15 @@
 //! through the instance types on capacity errors ([`blendnet_cloud::launch_first`]). A
 //! terminated instance's peer is revoked, so the roster does not fill with dead machines and a
 //! leaked key of a terminated machine is worth nothing.
+//!
+//! An instance's certificate is short-lived (`cert_lifetime`, 6 h by default) and renewed at
+//! half its life while the instance runs: a machine the provisioner lost track of (its record
+//! gone with a cloud account, a provisioner that never came back) drops out of the mesh by
+//! itself. A provisioner that restarts renews each joined instance at once, not knowing when
+//! it last did.
+//!
+//! The loop runs on every node with a `[cloud]` table: with `max_instances` 0 it starts nothing,
+//! but still renews and reaps the instances started by hand (`blendnet cloud up`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -158,6 +167,8 @@ pub struct Provisioner {
     joined_at: HashMap<String, u64>,
     /// Instance id → since when its peer has rendered nothing.
     idle_since: HashMap<String, u64>,
+    /// Instance id → when this provisioner last certified its peer.
+    certified_at: HashMap<String, u64>,
     /// Instance type → its price per hour (the cheapest zone), asked once.
     prices: HashMap<String, f64>,
     types: Option<Vec<InstanceType>>,
@@ -180,6 +191,7 @@ impl Provisioner {
             invites,
             joined_at: HashMap::new(),
             idle_since: HashMap::new(),
+            certified_at: HashMap::new(),
             prices: HashMap::new(),
             types: None,
         }
@@ -226,6 +238,8 @@ impl Provisioner {
         let alive: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
         self.joined_at.retain(|id, _| alive.contains(&id.as_str()));
         self.idle_since.retain(|id, _| alive.contains(&id.as_str()));
+        self.certified_at
+            .retain(|id, _| alive.contains(&id.as_str()));
         let mut managed = Vec::with_capacity(instances.len());
         let mut peer_of = HashMap::new();
         for instance in &instances {
@@ -302,6 +316,7 @@ impl Provisioner {
                 }
             }
         }
+        self.renew(now, &peer_of, &plan.terminate).await;
         for _ in 0..plan.launch {
             let instance = self.launch(&status, &types).await?;
             tracing::info!(
@@ -316,7 +331,39 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Starts one instance with a fresh one-time `render` invite.
+    /// Renews the certificates of the joined instances (but those being terminated) that
+    /// were certified half a lifetime ago, or not since this provisioner started.
+    async fn renew(
+        &mut self,
+        now: u64,
+        peer_of: &HashMap<String, String>,
+        terminating: &[(String, Reason)],
+    ) {
+        let lifetime = self.cloud.cert_lifetime_secs();
+        for (id, peer) in peer_of {
+            if !self.joined_at.contains_key(id) || terminating.iter().any(|(t, _)| t == id) {
+                continue;
+            }
+            let last = self.certified_at.get(id).copied();
+            if last.is_some_and(|at| now < at.saturating_add(lifetime / 2)) {
+                continue;
+            }
+            let Ok(peer_id) = peer.parse() else { continue };
+            match self.net.renew(peer_id, Duration::from_secs(lifetime)).await {
+                Ok(Ok(())) => {
+                    tracing::debug!(instance = %id, %peer, lifetime, "renewed the instance's certificate");
+                    self.certified_at.insert(id.clone(), now);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(instance = %id, %peer, error = %e, "could not renew the instance's certificate")
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Starts one instance with a fresh one-time `render` invite whose certificate is
+    /// short-lived (renewed while the instance lives).
     async fn launch(
         &self,
         status: &NodeStatus,
@@ -325,7 +372,11 @@ impl Provisioner {
         let ttl = Duration::from_secs(self.limits.join_timeout_secs);
         let code = self
             .net
-            .invite(ttl, Roles::from(Role::Render))
+            .invite(
+                ttl,
+                Roles::from(Role::Render),
+                Some(Duration::from_secs(self.cloud.cert_lifetime_secs())),
+            )
             .await?
             .map_err(|e| anyhow!("making an invite for a new instance: {e}"))?;
         let user_data = user_data(status, &code, self.provider.name())?;

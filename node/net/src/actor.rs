@@ -5,7 +5,8 @@ use crate::behaviour::{Behaviour, BehaviourEvent, build_swarm};
 use crate::codec::Checked;
 use crate::{
     AdmitError, BuildError, Config, Delivery, Event, InviteError, JoinFailure, Membership,
-    NetMessage, NodeStatus, PeerView, PendingView, PublishError, RevokeError, Transport, unix_now,
+    NetMessage, NodeStatus, PeerView, PendingView, PublishError, RenewError, RevokeError,
+    Transport, unix_now,
 };
 use blendnet_core::{Invites, Roster};
 use blendnet_proto::wire::{
@@ -500,8 +501,20 @@ impl NetActor {
             NetMessage::Pending(reply) => {
                 let _ = reply.send(self.pending_views());
             }
-            NetMessage::Invite { ttl, roles, reply } => {
-                let _ = reply.send(self.make_invite(ttl, roles));
+            NetMessage::Invite {
+                ttl,
+                roles,
+                cert_lifetime,
+                reply,
+            } => {
+                let _ = reply.send(self.make_invite(ttl, roles, cert_lifetime));
+            }
+            NetMessage::Renew {
+                peer,
+                lifetime,
+                reply,
+            } => {
+                let _ = reply.send(self.renew(peer, lifetime));
             }
             NetMessage::Admit { fingerprint, reply } => self.start_admission(fingerprint, reply),
             NetMessage::Revoke { peer, reply } => {
@@ -627,7 +640,12 @@ impl NetActor {
         out
     }
 
-    fn make_invite(&mut self, ttl: Duration, roles: Roles) -> Result<InviteCode, InviteError> {
+    fn make_invite(
+        &mut self,
+        ttl: Duration,
+        roles: Roles,
+        cert_lifetime: Option<Duration>,
+    ) -> Result<InviteCode, InviteError> {
         let mesh = self.roster().ok_or(InviteError::NotAMember)?.mesh();
         if !self.active() {
             return Err(InviteError::NotAMember);
@@ -648,7 +666,8 @@ impl NetActor {
         }
         let token = Token(rand::random());
         let expires_at = unix_now().saturating_add(ttl.as_secs());
-        self.invites.issue(token, roles, expires_at);
+        self.invites
+            .issue(token, roles, expires_at, cert_lifetime.map(|d| d.as_secs()));
         self.refresh_gate();
         self.emit(Event::InvitesChanged(self.invites.clone()));
         tracing::info!(?token, %roles, expires_at, "invite issued");
@@ -686,6 +705,36 @@ impl NetActor {
         self.publish_roster_delta(RosterDelta {
             certificates: Vec::new(),
             revocations: vec![revocation],
+        });
+        self.on_roster_changed(was_active);
+        Ok(())
+    }
+
+    fn renew(&mut self, peer: PeerId, lifetime: Duration) -> Result<(), RenewError> {
+        let now = unix_now();
+        let was_active = self.active();
+        let Membership::Member { roster, mesh_key } = &mut self.membership else {
+            return Err(RenewError::NotAMember);
+        };
+        let key = mesh_key.as_ref().ok_or(RenewError::NotAnIssuer)?;
+        let roles = roster
+            .roles(&peer, now)
+            .filter(|_| !roster.is_revoked(&peer))
+            .ok_or(RenewError::NotFound(peer))?;
+        let certificate = key.certify(
+            peer,
+            roles,
+            now.saturating_add(lifetime.as_secs()),
+            random_u64(),
+        );
+        // Signed by our own key just now: it cannot fail to verify.
+        if let Err(e) = roster.insert_certificate(certificate.clone()) {
+            tracing::error!(error = %e, "own certificate refused");
+        }
+        tracing::debug!(%peer, lifetime_secs = lifetime.as_secs(), "certificate renewed");
+        self.publish_roster_delta(RosterDelta {
+            certificates: vec![certificate],
+            revocations: Vec::new(),
         });
         self.on_roster_changed(was_active);
         Ok(())
@@ -1306,12 +1355,12 @@ impl NetActor {
                         return JoinResponse::Refused(refusal);
                     }
                 };
-                let certificate = key.certify(
-                    peer,
-                    roles,
-                    now.saturating_add(MEMBER_CERT_LIFETIME_SECS),
-                    random_u64(),
-                );
+                let lifetime = self
+                    .invites
+                    .cert_lifetime(&token)
+                    .unwrap_or(MEMBER_CERT_LIFETIME_SECS);
+                let certificate =
+                    key.certify(peer, roles, now.saturating_add(lifetime), random_u64());
                 if let Err(e) = roster.insert_certificate(certificate.clone()) {
                     tracing::error!(error = %e, "own certificate refused");
                 }

@@ -264,6 +264,17 @@ pub enum RevokeError {
     NotFound(PeerId),
 }
 
+/// Why a certificate could not be renewed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    #[error("this node is not a member of a mesh yet")]
+    NotAMember,
+    #[error("this node does not hold the mesh key, so it cannot certify members")]
+    NotAnIssuer,
+    #[error("{0} is not a member of this mesh (never was, expired, or revoked)")]
+    NotFound(PeerId),
+}
+
 /// Why a gossip message could not be published.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -289,7 +300,13 @@ pub enum NetMessage {
     Invite {
         ttl: Duration,
         roles: Roles,
+        cert_lifetime: Option<Duration>,
         reply: oneshot::Sender<Result<InviteCode, InviteError>>,
+    },
+    Renew {
+        peer: PeerId,
+        lifetime: Duration,
+        reply: oneshot::Sender<Result<(), RenewError>>,
     },
     Admit {
         fingerprint: Fingerprint,
@@ -344,14 +361,36 @@ impl Net {
         self.ask(NetMessage::Pending).await
     }
 
-    /// Makes a single-use invite valid for `ttl`.
+    /// Makes a single-use invite valid for `ttl`. Its redeemer's certificate lasts
+    /// `cert_lifetime` (a member's usual ten years when `None`).
     pub async fn invite(
         &self,
         ttl: Duration,
         roles: Roles,
+        cert_lifetime: Option<Duration>,
     ) -> Result<Result<InviteCode, InviteError>, Stopped> {
-        self.ask(|reply| NetMessage::Invite { ttl, roles, reply })
-            .await
+        self.ask(|reply| NetMessage::Invite {
+            ttl,
+            roles,
+            cert_lifetime,
+            reply,
+        })
+        .await
+    }
+
+    /// Certifies a member again with its current roles, for `lifetime` from now: how a
+    /// provisioner keeps the short-lived certificates of its live instances current.
+    pub async fn renew(
+        &self,
+        peer: PeerId,
+        lifetime: Duration,
+    ) -> Result<Result<(), RenewError>, Stopped> {
+        self.ask(|reply| NetMessage::Renew {
+            peer,
+            lifetime,
+            reply,
+        })
+        .await
     }
 
     /// Admits the pending LAN machine with this fingerprint; answers once it has accepted.

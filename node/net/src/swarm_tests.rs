@@ -209,6 +209,7 @@ async fn gossip_from_a_non_member_is_dropped() {
         blendnet_proto::Token([1; 16]),
         Roles::default_member(),
         unix_now() + 3600,
+        None,
     );
     let mut a = start(
         kps1[0].clone(),
@@ -410,7 +411,7 @@ async fn an_invite_is_redeemed_once_and_the_new_member_meets_the_others() {
     .await;
     let code = a
         .net
-        .invite(Duration::from_secs(60), Roles::from(Role::Render))
+        .invite(Duration::from_secs(60), Roles::from(Role::Render), None)
         .await
         .unwrap()
         .unwrap();
@@ -527,4 +528,56 @@ async fn a_pending_lan_machine_is_admitted_by_fingerprint() {
         p.net.status().await.unwrap().mesh_id,
         a.net.status().await.unwrap().mesh_id
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lived_certificate_expires_unless_renewed() {
+    let (key, kps, roster) = mesh(&[Roles::default_member()]);
+    let a = member(kps[0].clone(), roster, Some(key), vec![]);
+    let lifetime = Duration::from_secs(3);
+    let mut joined = Vec::new();
+    for _ in 0..2 {
+        let code = eventually("A listening", || async {
+            a.net
+                .invite(
+                    Duration::from_secs(60),
+                    Roles::from(Role::Render),
+                    Some(lifetime),
+                )
+                .await
+                .unwrap()
+                .ok()
+        })
+        .await;
+        let node = start(
+            identity::Keypair::generate_ed25519(),
+            Membership::Joining(code),
+            Invites::default(),
+            vec![],
+        );
+        eventually("joined", || async {
+            node.net.status().await.unwrap().member.then_some(())
+        })
+        .await;
+        joined.push(node);
+    }
+    let (kept, dropped) = (&joined[0], &joined[1]);
+    // `kept` is renewed every second; `dropped` is not.
+    let listed = |peers: &[PeerView], p: PeerId| peers.iter().any(|v| v.peer_id == p.to_string());
+    let until = tokio::time::Instant::now() + 2 * lifetime;
+    while tokio::time::Instant::now() < until {
+        a.net.renew(kept.peer, lifetime).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let peers = a.net.peers().await.unwrap();
+    assert!(listed(&peers, kept.peer), "the renewed member dropped out");
+    assert!(
+        !listed(&peers, dropped.peer),
+        "a certificate lasted past its lifetime"
+    );
+    // Nobody renews a peer that is no member any more.
+    assert!(matches!(
+        a.net.renew(dropped.peer, lifetime).await.unwrap(),
+        Err(crate::RenewError::NotFound(_))
+    ));
 }
