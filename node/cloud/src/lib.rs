@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 pub mod aws;
 pub mod cost;
 pub mod gcp;
+pub mod identity;
 pub mod local;
 pub mod policy;
 pub mod preempt;

@@ -185,6 +185,68 @@ impl Watcher {
         }
     }
 
+    /// Fetches this instance's identity proof (see [`crate::identity`]): AWS's signed
+    /// identity document, or a GCP identity token (`format=full`) for `audience` (the mesh id).
+    pub async fn identity(
+        &self,
+        audience: &str,
+    ) -> Result<blendnet_proto::wire::IdentityProof, String> {
+        use blendnet_proto::wire::IdentityProof;
+        match self.cloud {
+            Cloud::Aws => {
+                let request = Request::builder()
+                    .method(Method::PUT)
+                    .uri(format!("{}/latest/api/token", self.root))
+                    .header("X-aws-ec2-metadata-token-ttl-seconds", "60")
+                    .body(Empty::new())
+                    .map_err(|e| e.to_string())?;
+                let (status, token) = self.send(request).await?;
+                if status != StatusCode::OK {
+                    return Err(format!("IMDSv2 token: HTTP {status}: {token}"));
+                }
+                let mut parts = Vec::new();
+                for part in ["document", "signature"] {
+                    let request = Request::builder()
+                        .uri(format!(
+                            "{}/latest/dynamic/instance-identity/{part}",
+                            self.root
+                        ))
+                        .header("X-aws-ec2-metadata-token", token.trim())
+                        .body(Empty::new())
+                        .map_err(|e| e.to_string())?;
+                    match self.send(request).await? {
+                        (StatusCode::OK, body) => parts.push(body),
+                        (status, body) => {
+                            return Err(format!("instance-identity/{part}: HTTP {status}: {body}"));
+                        }
+                    }
+                }
+                let signature = parts.pop().unwrap_or_default();
+                let document = parts.pop().unwrap_or_default();
+                Ok(IdentityProof::Aws {
+                    document,
+                    signature,
+                })
+            }
+            Cloud::Gcp => {
+                let request = Request::builder()
+                    .uri(format!(
+                        "{}/computeMetadata/v1/instance/service-accounts/default/identity?audience={audience}&format=full",
+                        self.root
+                    ))
+                    .header("Metadata-Flavor", "Google")
+                    .body(Empty::new())
+                    .map_err(|e| e.to_string())?;
+                match self.send(request).await? {
+                    (StatusCode::OK, token) => Ok(IdentityProof::Gcp {
+                        token: token.trim().to_owned(),
+                    }),
+                    (status, body) => Err(format!("identity token: HTTP {status}: {body}")),
+                }
+            }
+        }
+    }
+
     async fn send(&self, request: Request<Empty<Bytes>>) -> Result<(StatusCode, String), String> {
         let uri = request.uri().to_string();
         let response = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(request))
@@ -197,8 +259,9 @@ impl Watcher {
             .map_err(|_| format!("{uri}: the body did not arrive within {REQUEST_TIMEOUT:?}"))?
             .map_err(|e| format!("{uri}: {e}"))?
             .to_bytes();
-        // Notices are small; anything long is not one.
-        let body = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
+        // Notices and identity proofs are small; anything longer is not one.
+        let limit = blendnet_proto::wire::MAX_PROOF_PART_BYTES;
+        let body = String::from_utf8_lossy(&body[..body.len().min(limit)]).into_owned();
         Ok((status, body))
     }
 }

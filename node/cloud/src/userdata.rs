@@ -30,6 +30,10 @@ pub struct UserData {
     /// The cloud whose preemption notices the instance watches (`aws`, `gcp`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preemption: Option<String>,
+    /// The cloud (`aws`, `gcp`) whose signed identity the instance sends with its token: set
+    /// when the provisioner's invite demands it (DESIGN §9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// Why user data was refused.
@@ -103,6 +107,7 @@ mod tests {
             token: "BN1xyz".into(),
             expires_at: 1_000,
             preemption: Some("aws".into()),
+            identity: Some("aws".into()),
         }
     }
 
@@ -113,9 +118,11 @@ mod tests {
         // Without preemption notices to watch (the local provider), the field is left out.
         let local = UserData {
             preemption: None,
+            identity: None,
             ..sample()
         };
         assert!(!local.encode().contains("preemption"));
+        assert!(!local.encode().contains("identity"));
         assert_eq!(UserData::parse(&local.encode(), 999), Ok(local));
         assert_eq!(
             UserData::parse(&text, 1_001),

@@ -3,7 +3,7 @@
 //! Redeeming is idempotent for the peer that first redeemed a token, so a joiner whose answer
 //! was lost in transit can ask again; any other peer is refused with "already used".
 
-use blendnet_proto::wire::Refusal;
+use blendnet_proto::wire::{Refusal, RequiredProof};
 use blendnet_proto::{PeerId, Roles, Token, UnixTime};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -30,6 +30,9 @@ pub struct Invite {
     /// lifetime. Cloud instances get short ones, renewed by their provisioner while they live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_lifetime_secs: Option<u64>,
+    /// The cloud identity its redeemer must prove (invites made for cloud instances).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<RequiredProof>,
 }
 
 /// The invites of one inviter. Serialized as a list of `(token, invite)` pairs, so formats
@@ -70,8 +73,22 @@ impl Invites {
                 expires_at,
                 used_by: None,
                 cert_lifetime_secs,
+                proof: None,
             },
         );
+    }
+
+    /// Makes `token`'s invite demand `proof` of its redeemer (see [`RequiredProof`]): set
+    /// with no instance when the invite is made for an instance about to launch, then again
+    /// with the instance's id once it is known. Returns false for an unknown or used token.
+    pub fn require_proof(&mut self, token: &Token, proof: RequiredProof) -> bool {
+        match self.invites.get_mut(token) {
+            Some(invite) if invite.used_by.is_none() => {
+                invite.proof = Some(proof);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// How long the certificate of `token`'s redeemer lasts, if the invite says.
@@ -79,8 +96,18 @@ impl Invites {
         self.invites.get(token).and_then(|i| i.cert_lifetime_secs)
     }
 
-    /// Redeems `token` for `peer` at `now`, returning the roles to certify.
-    pub fn redeem(&mut self, token: &Token, peer: PeerId, now: UnixTime) -> Result<Roles, Refusal> {
+    /// Redeems `token` for `peer` at `now`, returning the roles to certify. An invite that
+    /// demands a proof of identity is redeemed only once `check` accepts what it demands
+    /// (`check` is not called for a peer retrying a redemption it already won); until the
+    /// instance is known, the answer is [`Refusal::NotReady`]. A refused redemption leaves
+    /// the invite unused.
+    pub fn redeem(
+        &mut self,
+        token: &Token,
+        peer: PeerId,
+        now: UnixTime,
+        check: impl FnOnce(&RequiredProof) -> Result<(), Refusal>,
+    ) -> Result<Roles, Refusal> {
         let invite = self.invites.get_mut(token).ok_or(Refusal::UnknownToken)?;
         match invite.used_by {
             Some(p) if p == peer => return Ok(invite.roles),
@@ -89,6 +116,12 @@ impl Invites {
         }
         if now > invite.expires_at {
             return Err(Refusal::Expired);
+        }
+        if let Some(required) = &invite.proof {
+            if required.instance.is_none() {
+                return Err(Refusal::NotReady);
+            }
+            check(required)?;
         }
         invite.used_by = Some(peer);
         Ok(invite.roles)
@@ -136,7 +169,7 @@ mod tests {
         let mut inv = Invites::default();
         inv.issue(Token([7; 16]), Roles::default_member(), 100, Some(3600));
         let a = PeerId::random();
-        inv.redeem(&Token([7; 16]), a, 1).unwrap();
+        inv.redeem(&Token([7; 16]), a, 1, |_| Ok(())).unwrap();
         inv.issue(Token([8; 16]), Roles::default_member(), 200, None);
         let text = serde_json::to_string(&inv).unwrap();
         let back: Invites = serde_json::from_str(&text).unwrap();
@@ -150,9 +183,49 @@ mod tests {
         // A redeemed invite stays redeemed after the round trip.
         let mut back = back;
         assert_eq!(
-            back.redeem(&Token([7; 16]), PeerId::random(), 2),
+            back.redeem(&Token([7; 16]), PeerId::random(), 2, |_| Ok(())),
             Err(Refusal::AlreadyUsed)
         );
+    }
+
+    #[test]
+    fn an_invite_for_an_instance_waits_for_its_id_then_for_an_accepted_proof() {
+        use blendnet_proto::wire::IdentityCloud;
+        let mut inv = Invites::default();
+        let t = Token([4; 16]);
+        inv.issue(t, Roles::default_member(), 100, Some(60));
+        let pending = RequiredProof {
+            cloud: IdentityCloud::Aws,
+            instance: None,
+        };
+        assert!(inv.require_proof(&t, pending.clone()));
+        assert!(!inv.require_proof(&Token([5; 16]), pending));
+        let a = PeerId::random();
+        let never = |_: &RequiredProof| -> Result<(), Refusal> { panic!("checked too early") };
+        assert_eq!(inv.redeem(&t, a, 1, never), Err(Refusal::NotReady));
+        let bound = RequiredProof {
+            cloud: IdentityCloud::Aws,
+            instance: Some("i-0123".into()),
+        };
+        assert!(inv.require_proof(&t, bound.clone()));
+        let refused = Refusal::IdentityRefused("another instance".into());
+        assert_eq!(
+            inv.redeem(&t, a, 2, |r| {
+                assert_eq!(r, &bound);
+                Err(refused.clone())
+            }),
+            Err(refused)
+        );
+        // Refused: still open for the right instance.
+        assert!(inv.any_open(2));
+        assert_eq!(
+            inv.redeem(&t, a, 3, |_| Ok(())),
+            Ok(Roles::default_member())
+        );
+        assert_eq!(inv.redeem(&t, a, 4, never), Ok(Roles::default_member()));
+        assert!(!inv.require_proof(&t, bound));
+        let text = serde_json::to_string(&inv).unwrap();
+        assert_eq!(serde_json::from_str::<Invites>(&text).unwrap(), inv);
     }
 
     #[test]
@@ -162,7 +235,7 @@ mod tests {
         inv.issue(t1, Roles::default_member(), 100, None);
         inv.issue(t2, Roles::default_member(), 100, None);
         let a = PeerId::random();
-        inv.redeem(&t2, a, 1).unwrap();
+        inv.redeem(&t2, a, 1, |_| Ok(())).unwrap();
         assert_ne!(token_tag(&t1), token_tag(&t2));
         assert_eq!(token_tag(&t1).len(), 16);
         assert_eq!(inv.redeemed_by_tag(&token_tag(&t2)), Some(a));
@@ -177,19 +250,25 @@ mod tests {
         inv.issue(t, Roles::default_member(), 100, None);
         assert!(inv.any_open(50));
         let a = PeerId::random();
-        assert_eq!(inv.redeem(&t, a, 50), Ok(Roles::default_member()));
-        assert_eq!(inv.redeem(&t, a, 60), Ok(Roles::default_member()));
         assert_eq!(
-            inv.redeem(&t, PeerId::random(), 60),
+            inv.redeem(&t, a, 50, |_| Ok(())),
+            Ok(Roles::default_member())
+        );
+        assert_eq!(
+            inv.redeem(&t, a, 60, |_| Ok(())),
+            Ok(Roles::default_member())
+        );
+        assert_eq!(
+            inv.redeem(&t, PeerId::random(), 60, |_| Ok(())),
             Err(Refusal::AlreadyUsed)
         );
         assert!(!inv.any_open(50));
 
         let t2 = Token([2; 16]);
         inv.issue(t2, Roles::default_member(), 100, None);
-        assert_eq!(inv.redeem(&t2, a, 101), Err(Refusal::Expired));
+        assert_eq!(inv.redeem(&t2, a, 101, |_| Ok(())), Err(Refusal::Expired));
         assert_eq!(
-            inv.redeem(&Token([3; 16]), a, 0),
+            inv.redeem(&Token([3; 16]), a, 0, |_| Ok(())),
             Err(Refusal::UnknownToken)
         );
         inv.prune(100 + FORGET_AFTER_SECS + 1);

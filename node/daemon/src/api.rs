@@ -140,6 +140,10 @@ pub struct InviteRequest {
     /// ten years). Cloud instances get short ones that their provisioner renews.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_lifetime_secs: Option<u64>,
+    /// The cloud instance that must redeem it, as `CLOUD:ID` (`aws:i-0123…`, `gcp:NAME`): its
+    /// redemption must carry that cloud's signed proof naming the instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// An invite code and when it expires.

@@ -44,6 +44,11 @@ pub enum Command {
         /// Roles the new member gets: submit, render, coordinate, provision.
         #[arg(long, default_value = "submit,render,coordinate")]
         roles: String,
+        /// Only this cloud instance may redeem the code, proving it with its cloud's signed
+        /// identity: `aws:INSTANCE_ID` or `gcp:INSTANCE_NAME` (needs the [cloud] trust roots,
+        /// `aws_identity_certificate` or `gcp_identity_keys`).
+        #[arg(long, value_name = "CLOUD:ID")]
+        instance: Option<String>,
     },
     /// Prepare this data directory to join a mesh; the next `up` redeems the code.
     Join {
@@ -378,6 +383,19 @@ fn enroll(
         }
         code.check_expiry(now)?;
         crate::node::join(data_dir, &code)?;
+        if let Some(cloud) = &data.identity {
+            let cloud: blendnet_cloud::preempt::Cloud = cloud
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("the user data's identity: {e}"))?;
+            let audience = code.mesh.to_string();
+            let proof = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(blendnet_cloud::preempt::Watcher::new(cloud).identity(&audience))
+                .map_err(|e| anyhow::anyhow!("fetching this instance's identity proof: {e}"))?;
+            crate::node::set_join_proof(data_dir, &proof)?;
+        }
         eprintln!("enrolling in mesh {}", code.mesh);
         return Ok(UserData {
             bootstrap: Vec::new(),
@@ -441,16 +459,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             up_args.init = false;
             up(data_dir, up_args)?;
         }
-        Command::Invite { ttl, roles } => {
+        Command::Invite {
+            ttl,
+            roles,
+            instance,
+        } => {
             let ttl_secs = parse_ttl(&ttl)?;
             let parsed: Roles = roles.parse()?;
             if parsed.is_empty() {
                 bail!("an invite needs at least one role");
             }
+            if let Some(text) = &instance {
+                blendnet_cloud::identity::parse_instance(text)?;
+            }
             let view = Client::connect(&data_dir)?.invite(&InviteRequest {
                 ttl_secs,
                 roles: parsed.names(),
                 cert_lifetime_secs: None,
+                instance,
             })?;
             println!("{}", view.code);
         }

@@ -421,6 +421,7 @@ mod tests {
                 ttl_secs: 600,
                 roles: vec!["render".into()],
                 cert_lifetime_secs: None,
+                instance: None,
             })
             .unwrap();
         assert_eq!(invite.code, "code:render");

@@ -205,6 +205,7 @@ async fn launch(
         ttl_secs: cloud.limits().join_timeout_secs,
         roles: vec!["render".into()],
         cert_lifetime_secs: Some(cloud.cert_lifetime_secs()),
+        instance: None,
     })?;
     let code = InviteCode::decode(&invite.code).context("the daemon's invite is unreadable")?;
     let user_data = provision::user_data(status, &code, provider.name())?;

@@ -176,6 +176,13 @@ impl Default for Config {
 /// gcp_max_run_duration = "12h"  #      Compute Engine deletes an instance after this, whatever
 ///                               #      happens to this node
 /// # gcp_endpoint_url, gcp_billing_url, gcp_token_uri: other API roots (tests)
+/// aws_identity_certificate = "aws-rsa.pem"  # AWS's public certificate for the identity
+///                               # document's RSA signature (your region's "RSA" one in AWS's
+///                               # "public certificates for instance identity document
+///                               # signatures"); set, AWS instances must prove who they are
+/// gcp_identity_keys = "google-certs.json"   # Google's token-signing certificates
+///                               # (https://www.googleapis.com/oauth2/v1/certs, or PEM); set,
+///                               # GCP instances must prove who they are
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,12 +232,45 @@ pub struct CloudConfig {
     pub gcp_billing_url: Option<String>,
     #[serde(default)]
     pub gcp_token_uri: Option<String>,
+    #[serde(default)]
+    pub aws_identity_certificate: Option<PathBuf>,
+    #[serde(default)]
+    pub gcp_identity_keys: Option<PathBuf>,
 }
+
+/// Most bytes read from a trust-root file (Google's list of certificates is about 4 KiB).
+const MAX_TRUST_ROOT_BYTES: u64 = 256 * 1024;
 
 /// How long an instance's certificate lasts when `cert_lifetime` is not set.
 pub const DEFAULT_CERT_LIFETIME_SECS: u64 = 6 * 3600;
 
 impl CloudConfig {
+    /// The keys instance identity proofs are checked against, read from
+    /// `aws_identity_certificate` and `gcp_identity_keys`; none for a cloud without its key.
+    pub fn trust_roots(&self) -> anyhow::Result<blendnet_cloud::identity::TrustRoots> {
+        use anyhow::Context as _;
+        use std::io::Read as _;
+        let read = |path: &std::path::Path| -> anyhow::Result<String> {
+            let mut text = String::new();
+            std::fs::File::open(path)
+                .and_then(|f| f.take(MAX_TRUST_ROOT_BYTES).read_to_string(&mut text))
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(text)
+        };
+        let mut roots = blendnet_cloud::identity::TrustRoots::default();
+        if let Some(path) = &self.aws_identity_certificate {
+            roots
+                .add_aws_pem(&read(path)?)
+                .with_context(|| format!("aws_identity_certificate {}", path.display()))?;
+        }
+        if let Some(path) = &self.gcp_identity_keys {
+            roots
+                .add_gcp(&read(path)?)
+                .with_context(|| format!("gcp_identity_keys {}", path.display()))?;
+        }
+        Ok(roots)
+    }
+
     /// How long the certificate of an instance lasts (checked when the table was read).
     pub fn cert_lifetime_secs(&self) -> u64 {
         self.cert_lifetime
@@ -458,6 +498,9 @@ impl Config {
                     cloud.local_root =
                         Some(base.join(cloud.local_root.unwrap_or_else(|| "instances".into())));
                     cloud.gcp_credentials = cloud.gcp_credentials.map(|p| base.join(p));
+                    cloud.aws_identity_certificate =
+                        cloud.aws_identity_certificate.map(|p| base.join(p));
+                    cloud.gcp_identity_keys = cloud.gcp_identity_keys.map(|p| base.join(p));
                     config.cloud = Some(cloud);
                 }
                 _ => {

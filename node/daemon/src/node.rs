@@ -70,6 +70,8 @@ pub struct PersistedRoster {
 const KEY_ROSTER: &str = "roster";
 const KEY_INVITES: &str = "invites";
 const KEY_JOIN_CODE: &str = "join_code";
+/// A cloud instance's identity proof, sent with the redemption of its enrollment token.
+const KEY_JOIN_PROOF: &str = "join_proof";
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -182,6 +184,16 @@ pub fn join(data_dir: &DataDir, code: &InviteCode) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Records the cloud's identity proof that the next `up` sends with its redemption (see
+/// `blendnet enroll`).
+pub fn set_join_proof(
+    data_dir: &DataDir,
+    proof: &blendnet_proto::wire::IdentityProof,
+) -> anyhow::Result<()> {
+    State::open(data_dir)?.put(KEY_JOIN_PROOF, proof)?;
+    Ok(())
+}
+
 fn parse_addrs(key: &str, values: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
     values
         .iter()
@@ -269,6 +281,27 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         },
     };
     let invites: Invites = state.get(KEY_INVITES)?.unwrap_or_default();
+    let join_proof = match &membership {
+        Membership::Joining(_) => state.get(KEY_JOIN_PROOF)?,
+        _ => None,
+    };
+    // As an inviter: the keys the identity proofs of cloud instances are checked against.
+    let verifier = match &config.cloud {
+        Some(cloud) => {
+            let roots = std::sync::Arc::new(cloud.trust_roots()?);
+            Some(blendnet_net::IdentityVerifier(std::sync::Arc::new(
+                move |proof: &blendnet_proto::wire::IdentityProof,
+                      required: &blendnet_proto::wire::RequiredProof,
+                      mesh: &MeshId,
+                      now: u64| {
+                    roots
+                        .verify(proof, required, &mesh.to_string(), now)
+                        .map_err(|e| e.to_string())
+                },
+            )))
+        }
+        None => None,
+    };
     // The provisioner learns from the invites which peer each of its instances became.
     let (invites_tx, invites_rx) = watch::channel(invites.clone());
     let known_addrs = state
@@ -313,6 +346,8 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
             membership,
             invites,
             known_addrs,
+            join_proof,
+            verifier,
             // What is known at once; the rest follows when detection (below) is done.
             capabilities: blendnet_proto::wire::Capabilities {
                 daemon_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -557,7 +592,10 @@ fn persist(state: &State, event: Event) {
             )
             .and_then(|()| {
                 if matches!(event, Event::Joined { .. }) {
-                    state.delete(KEY_JOIN_CODE).map(|_| ())
+                    state
+                        .delete(KEY_JOIN_CODE)
+                        .and_then(|_| state.delete(KEY_JOIN_PROOF))
+                        .map(|_| ())
                 } else {
                     Ok(())
                 }
@@ -716,12 +754,20 @@ impl Backend for NodeBackend {
                 "an invite needs a TTL of at least one second".into(),
             ));
         }
+        let proof = match req.instance.as_deref() {
+            None => None,
+            Some(text) => Some(
+                blendnet_cloud::identity::parse_instance(text)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+            ),
+        };
         let code = self
             .net
             .invite(
                 Duration::from_secs(req.ttl_secs),
                 roles,
                 req.cert_lifetime_secs.map(Duration::from_secs),
+                proof,
             )
             .await
             .map_err(stopped_error)?

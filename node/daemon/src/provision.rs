@@ -37,6 +37,7 @@ use blendnet_cloud::{
 use blendnet_core::board::JobSummary;
 use blendnet_core::{Invites, token_tag};
 use blendnet_net::{Net, NodeStatus, PeerView};
+use blendnet_proto::wire::{IdentityCloud, RequiredProof};
 use blendnet_proto::{InviteCode, Role, Roles};
 use tokio::sync::watch;
 
@@ -73,7 +74,18 @@ pub fn user_data(
             .parse::<blendnet_cloud::preempt::Cloud>()
             .is_ok()
             .then(|| provider.to_owned()),
+        identity: None,
     })
+}
+
+/// The cloud whose signed identity an instance of `provider` must show when it enrolls: the
+/// instance's cloud, when the `[cloud]` table names the keys to check it with.
+pub fn identity_cloud(cloud: &CloudConfig, provider: &str) -> Option<IdentityCloud> {
+    match provider {
+        "aws" if cloud.aws_identity_certificate.is_some() => Some(IdentityCloud::Aws),
+        "gcp" if cloud.gcp_identity_keys.is_some() => Some(IdentityCloud::Gcp),
+        _ => None,
+    }
 }
 
 /// The launches to try, in order, for one instance with `user_data`: the configured type, or
@@ -205,6 +217,14 @@ impl Provisioner {
             idle_grace_secs = self.limits.idle_grace_secs,
             "provisioning cloud instances for pending work"
         );
+        if matches!(self.provider.name(), "aws" | "gcp")
+            && identity_cloud(&self.cloud, self.provider.name()).is_none()
+        {
+            tracing::warn!(
+                provider = self.provider.name(),
+                "no trust roots for instance identity proofs ([cloud] aws_identity_certificate / gcp_identity_keys): instances enroll on their token alone"
+            );
+        }
         loop {
             if let Err(e) = self.tick(unix_now()).await {
                 tracing::warn!(error = %format!("{e:#}"), "provisioning");
@@ -370,18 +390,39 @@ impl Provisioner {
         types: &[InstanceType],
     ) -> anyhow::Result<Instance> {
         let ttl = Duration::from_secs(self.limits.join_timeout_secs);
+        // The invite waits for the instance's id (known once the launch call returns): until
+        // it is bound, a redemption is answered "not ready" and the instance asks again.
+        let identity = identity_cloud(&self.cloud, self.provider.name());
         let code = self
             .net
             .invite(
                 ttl,
                 Roles::from(Role::Render),
                 Some(Duration::from_secs(self.cloud.cert_lifetime_secs())),
+                identity.map(|cloud| RequiredProof {
+                    cloud,
+                    instance: None,
+                }),
             )
             .await?
             .map_err(|e| anyhow!("making an invite for a new instance: {e}"))?;
-        let user_data = user_data(status, &code, self.provider.name())?;
+        let user_data = UserData {
+            identity: identity.map(|c| c.to_string()),
+            ..user_data(status, &code, self.provider.name())?
+        };
         let specs = launch_specs(&self.cloud, types, &user_data, &code);
-        Ok(launch_first(&*self.provider, &specs).await?)
+        let instance = launch_first(&*self.provider, &specs).await?;
+        if let Some(cloud) = identity {
+            let proof = RequiredProof {
+                cloud,
+                instance: Some(instance.id.clone()),
+            };
+            if let Err(e) = self.net.bind_invite(code.token, proof).await? {
+                // The instance cannot join; it is reaped after the join timeout.
+                tracing::error!(instance = %instance.id, error = %e, "could not bind the invite to the new instance");
+            }
+        }
+        Ok(instance)
     }
 
     async fn types(&mut self) -> anyhow::Result<Vec<InstanceType>> {

@@ -4,14 +4,15 @@
 use crate::behaviour::{Behaviour, BehaviourEvent, build_swarm};
 use crate::codec::Checked;
 use crate::{
-    AdmitError, BuildError, Config, Delivery, Event, InviteError, JoinFailure, Membership,
-    NetMessage, NodeStatus, PeerView, PendingView, PublishError, RenewError, RevokeError,
-    Transport, unix_now,
+    AdmitError, BindError, BuildError, Config, Delivery, Event, InviteError, JoinFailure,
+    Membership, NetMessage, NodeStatus, PeerView, PendingView, PublishError, RenewError,
+    RevokeError, Transport, unix_now,
 };
 use blendnet_core::{Invites, Roster};
 use blendnet_proto::wire::{
-    Activity, Capabilities, JoinRequest, JoinResponse, MAX_ADDRESS_ENTRIES, MAX_ADDRS_PER_PEER,
-    MAX_GOSSIP_BYTES, PeerStatus, Refusal, RosterDelta, SyncRequest, SyncResponse,
+    Activity, Capabilities, IdentityProof, JoinRequest, JoinResponse, MAX_ADDRESS_ENTRIES,
+    MAX_ADDRS_PER_PEER, MAX_GOSSIP_BYTES, MAX_PROOF_PART_BYTES, PeerStatus, Refusal, RequiredProof,
+    RosterDelta, SyncRequest, SyncResponse,
 };
 use blendnet_proto::{
     Certificate, Fingerprint, IDENTIFY_PROTOCOL, InviteCode, MeshKey, Roles, RosterSnapshot, Token,
@@ -51,6 +52,12 @@ const BAN_DURATION: Duration = Duration::from_secs(60);
 /// Redemptions cut off unanswered in a row before a joining node gives up: a shut gate
 /// (the inviter has no open invite) closes every connection of a stranger at once.
 const JOIN_CUT_OFF_LIMIT: u32 = 5;
+/// How long a joining instance waits before asking again when its inviter does not know the
+/// instance's id yet (its launch call has not returned).
+const JOIN_NOT_READY_RETRY: Duration = Duration::from_secs(2);
+/// "Not ready" answers before a joining node gives up: a minute, far longer than a launch
+/// call takes to return.
+const JOIN_NOT_READY_LIMIT: u32 = 30;
 /// Most unknown LAN daemons remembered, so a noisy network cannot grow this without bound.
 const MAX_LAN_PENDING: usize = 256;
 
@@ -135,6 +142,12 @@ pub struct NetActor {
     join_in_flight: Option<OutboundRequestId>,
     /// Redemptions in a row whose connection the inviter closed unanswered.
     join_cut_off: u32,
+    /// The cloud's proof of which instance this is, sent with each redemption.
+    join_proof: Option<IdentityProof>,
+    /// When to ask again after a "not ready" answer, and how many came so far.
+    join_retry_at: Option<Instant>,
+    join_not_ready: u32,
+    verifier: Option<crate::IdentityVerifier>,
 }
 
 impl std::fmt::Debug for NetActor {
@@ -212,6 +225,10 @@ impl NetActor {
             next_bootstrap: now,
             join_in_flight: None,
             join_cut_off: 0,
+            join_proof: config.join_proof,
+            join_retry_at: None,
+            join_not_ready: 0,
+            verifier: config.verifier,
         };
         for (peer, addrs) in config.known_addrs {
             actor.peer_mut(peer).add_addrs(addrs);
@@ -505,9 +522,26 @@ impl NetActor {
                 ttl,
                 roles,
                 cert_lifetime,
+                proof,
                 reply,
             } => {
-                let _ = reply.send(self.make_invite(ttl, roles, cert_lifetime));
+                let _ = reply.send(self.make_invite(ttl, roles, cert_lifetime, proof));
+            }
+            NetMessage::BindInvite {
+                token,
+                proof,
+                reply,
+            } => {
+                let bound = self.invites.require_proof(&token, proof.clone());
+                if bound {
+                    tracing::info!(?token, cloud = %proof.cloud, instance = ?proof.instance, "invite bound to an instance");
+                    self.emit(Event::InvitesChanged(self.invites.clone()));
+                }
+                let _ = reply.send(if bound {
+                    Ok(())
+                } else {
+                    Err(BindError::UnknownToken)
+                });
             }
             NetMessage::Renew {
                 peer,
@@ -645,6 +679,7 @@ impl NetActor {
         ttl: Duration,
         roles: Roles,
         cert_lifetime: Option<Duration>,
+        proof: Option<RequiredProof>,
     ) -> Result<InviteCode, InviteError> {
         let mesh = self.roster().ok_or(InviteError::NotAMember)?.mesh();
         if !self.active() {
@@ -668,6 +703,9 @@ impl NetActor {
         let expires_at = unix_now().saturating_add(ttl.as_secs());
         self.invites
             .issue(token, roles, expires_at, cert_lifetime.map(|d| d.as_secs()));
+        if let Some(proof) = proof {
+            self.invites.require_proof(&token, proof);
+        }
         self.refresh_gate();
         self.emit(Event::InvitesChanged(self.invites.clone()));
         tracing::info!(?token, %roles, expires_at, "invite issued");
@@ -892,6 +930,12 @@ impl NetActor {
         match &self.membership {
             Membership::Joining(code) => {
                 let inviter = code.inviter;
+                if self.join_retry_at.is_some_and(|at| now >= at)
+                    && self.join_in_flight.is_none()
+                    && self.connected(&inviter)
+                {
+                    self.send_redeem();
+                }
                 self.dial_if_due(inviter);
             }
             Membership::Member { .. } if self.active() => self.member_tick(now),
@@ -1044,16 +1088,7 @@ impl NetActor {
         tracing::debug!(%peer, member, "connected");
         if let Membership::Joining(code) = &self.membership {
             if code.inviter == peer && self.join_in_flight.is_none() {
-                let request = JoinRequest::Redeem {
-                    mesh: code.mesh,
-                    token: code.token,
-                };
-                self.join_in_flight = Some(
-                    self.swarm
-                        .behaviour_mut()
-                        .join
-                        .send_request(&peer, Checked::Valid(request)),
-                );
+                self.send_redeem();
             }
             return;
         }
@@ -1334,10 +1369,30 @@ impl NetActor {
         }
     }
 
+    /// Sends the redemption of the invite being joined with to its inviter.
+    fn send_redeem(&mut self) {
+        let Membership::Joining(code) = &self.membership else {
+            return;
+        };
+        let inviter = code.inviter;
+        let request = JoinRequest::Redeem {
+            mesh: code.mesh,
+            token: code.token,
+            proof: self.join_proof.clone(),
+        };
+        self.join_retry_at = None;
+        self.join_in_flight = Some(
+            self.swarm
+                .behaviour_mut()
+                .join
+                .send_request(&inviter, Checked::Valid(request)),
+        );
+    }
+
     fn on_join_request(&mut self, peer: PeerId, request: JoinRequest) -> JoinResponse {
         let now = unix_now();
         match request {
-            JoinRequest::Redeem { mesh, token } => {
+            JoinRequest::Redeem { mesh, token, proof } => {
                 let was_active = self.active();
                 let Membership::Member { roster, mesh_key } = &mut self.membership else {
                     return JoinResponse::Refused(Refusal::NotAnIssuer);
@@ -1348,7 +1403,29 @@ impl NetActor {
                 let Some(key) = mesh_key else {
                     return JoinResponse::Refused(Refusal::NotAnIssuer);
                 };
-                let roles = match self.invites.redeem(&token, peer, now) {
+                let verifier = self.verifier.clone();
+                let check = |required: &RequiredProof| -> Result<(), Refusal> {
+                    let proof = proof.as_ref().ok_or_else(|| {
+                        Refusal::IdentityRefused(format!(
+                            "this invite is for {} instance {}, and the redemption carries no identity proof",
+                            required.cloud,
+                            required.instance.as_deref().unwrap_or("?")
+                        ))
+                    })?;
+                    if !proof.within_bounds() {
+                        return Err(Refusal::IdentityRefused(format!(
+                            "the proof is larger than {MAX_PROOF_PART_BYTES} bytes"
+                        )));
+                    }
+                    let verifier = verifier.ok_or_else(|| {
+                        Refusal::IdentityRefused(format!(
+                            "the inviter has no trust roots for {} identity proofs",
+                            required.cloud
+                        ))
+                    })?;
+                    (verifier.0)(proof, required, &mesh, now).map_err(Refusal::IdentityRefused)
+                };
+                let roles = match self.invites.redeem(&token, peer, now, check) {
                     Ok(roles) => roles,
                     Err(refusal) => {
                         tracing::warn!(%peer, ?token, %refusal, "invite refused");
@@ -1423,6 +1500,13 @@ impl NetActor {
                         let _ = self.swarm.disconnect_peer_id(peer);
                         self.peer_mut(peer).next_dial = Instant::now();
                     }
+                }
+                JoinResponse::Refused(Refusal::NotReady)
+                    if self.join_not_ready < JOIN_NOT_READY_LIMIT =>
+                {
+                    self.join_not_ready += 1;
+                    tracing::info!(inviter = %peer, "the inviter does not know this instance yet; asking again");
+                    self.join_retry_at = Some(Instant::now() + JOIN_NOT_READY_RETRY);
                 }
                 JoinResponse::Refused(reason) => {
                     tracing::error!(inviter = %peer, %reason, "invite refused");

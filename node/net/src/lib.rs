@@ -32,7 +32,7 @@ pub use libp2p::{Multiaddr, PeerId, identity};
 pub use streams::{AlreadyAccepting, Incoming, Stream, Streams};
 
 use blendnet_core::{Invites, Roster};
-use blendnet_proto::wire::{Activity, Capabilities, Refusal};
+use blendnet_proto::wire::{Activity, Capabilities, IdentityProof, Refusal, RequiredProof};
 use blendnet_proto::{Fingerprint, InviteCode, MeshId, MeshKey, Roles, RosterSnapshot, Topic};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -93,6 +93,28 @@ pub struct Config {
     /// Addresses remembered from earlier runs, so a restarted node finds its peers again.
     pub known_addrs: Vec<(PeerId, Vec<Multiaddr>)>,
     pub capabilities: Capabilities,
+    /// While joining: the cloud's proof of which instance this is, sent with the redemption.
+    pub join_proof: Option<IdentityProof>,
+    /// How this node, as an inviter, checks the proof an invite made for a cloud instance
+    /// demands. Without one, such invites are refused (no trust roots to check against).
+    pub verifier: Option<IdentityVerifier>,
+}
+
+/// Checks an instance's identity proof against what its invite demands, for the mesh whose
+/// id is the expected audience, at Unix time `now`; the error says what is wrong. Pure (no
+/// I/O): the actor calls it on its loop.
+#[derive(Clone)]
+pub struct IdentityVerifier(
+    #[allow(clippy::type_complexity)]
+    pub  std::sync::Arc<
+        dyn Fn(&IdentityProof, &RequiredProof, &MeshId, u64) -> Result<(), String> + Send + Sync,
+    >,
+);
+
+impl std::fmt::Debug for IdentityVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdentityVerifier")
+    }
 }
 
 /// Why the swarm could not be built or started.
@@ -230,6 +252,13 @@ pub enum InviteError {
     NoRoles,
 }
 
+/// Why an invite could not be bound to an instance.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("no unused invite has this token (expired and forgotten, or already redeemed)")]
+    UnknownToken,
+}
+
 /// Why admitting a LAN peer failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmitError {
@@ -301,7 +330,13 @@ pub enum NetMessage {
         ttl: Duration,
         roles: Roles,
         cert_lifetime: Option<Duration>,
+        proof: Option<RequiredProof>,
         reply: oneshot::Sender<Result<InviteCode, InviteError>>,
+    },
+    BindInvite {
+        token: blendnet_proto::Token,
+        proof: RequiredProof,
+        reply: oneshot::Sender<Result<(), BindError>>,
     },
     Renew {
         peer: PeerId,
@@ -362,17 +397,36 @@ impl Net {
     }
 
     /// Makes a single-use invite valid for `ttl`. Its redeemer's certificate lasts
-    /// `cert_lifetime` (a member's usual ten years when `None`).
+    /// `cert_lifetime` (a member's usual ten years when `None`); with `proof`, the redeemer
+    /// must prove it is that cloud instance (see [`RequiredProof`]; an instance not yet
+    /// known is named later with [`Net::bind_invite`]).
     pub async fn invite(
         &self,
         ttl: Duration,
         roles: Roles,
         cert_lifetime: Option<Duration>,
+        proof: Option<RequiredProof>,
     ) -> Result<Result<InviteCode, InviteError>, Stopped> {
         self.ask(|reply| NetMessage::Invite {
             ttl,
             roles,
             cert_lifetime,
+            proof,
+            reply,
+        })
+        .await
+    }
+
+    /// Makes the unused invite with `token` demand `proof`: how a provisioner names the
+    /// instance an invite was made for, once its launch call has returned the id.
+    pub async fn bind_invite(
+        &self,
+        token: blendnet_proto::Token,
+        proof: RequiredProof,
+    ) -> Result<Result<(), BindError>, Stopped> {
+        self.ask(|reply| NetMessage::BindInvite {
+            token,
+            proof,
             reply,
         })
         .await

@@ -4,7 +4,9 @@
 use crate::codec::{Checked, Codec};
 use crate::{Config, Delivery, Membership, Net, PeerView, Spawned, Transport, spawn, unix_now};
 use blendnet_core::{Invites, Roster};
-use blendnet_proto::wire::{Capabilities, JoinResponse, MAX_REQUEST_BYTES};
+use blendnet_proto::wire::{
+    Capabilities, IdentityCloud, IdentityProof, JoinResponse, MAX_REQUEST_BYTES, RequiredProof,
+};
 use blendnet_proto::{JOIN_PROTOCOL, MeshKey, Role, Roles, Topic};
 use futures::StreamExt;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -35,6 +37,17 @@ fn start(
     invites: Invites,
     bootstrap: Vec<Multiaddr>,
 ) -> TestNode {
+    start_with(keypair, membership, invites, bootstrap, None, None)
+}
+
+fn start_with(
+    keypair: identity::Keypair,
+    membership: Membership,
+    invites: Invites,
+    bootstrap: Vec<Multiaddr>,
+    join_proof: Option<IdentityProof>,
+    verifier: Option<crate::IdentityVerifier>,
+) -> TestNode {
     let peer = keypair.public().to_peer_id();
     let addr = memory_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -51,6 +64,8 @@ fn start(
             invites,
             known_addrs: Vec::new(),
             capabilities: Capabilities::default(),
+            join_proof,
+            verifier,
         },
         async move {
             let _ = stopped.await;
@@ -411,7 +426,12 @@ async fn an_invite_is_redeemed_once_and_the_new_member_meets_the_others() {
     .await;
     let code = a
         .net
-        .invite(Duration::from_secs(60), Roles::from(Role::Render), None)
+        .invite(
+            Duration::from_secs(60),
+            Roles::from(Role::Render),
+            None,
+            None,
+        )
         .await
         .unwrap()
         .unwrap();
@@ -445,6 +465,107 @@ async fn an_invite_is_redeemed_once_and_the_new_member_meets_the_others() {
             .unwrap()
             .iter()
             .any(|p| p.peer_id == d.peer.to_string())
+    );
+}
+
+/// A stand-in for the cloud's proof: an "AWS document" that is just the instance id, accepted
+/// when it names the instance the invite is bound to.
+fn naive_verifier() -> crate::IdentityVerifier {
+    crate::IdentityVerifier(std::sync::Arc::new(|proof, required, _mesh, _now| {
+        match (proof, &required.instance) {
+            (IdentityProof::Aws { document, .. }, Some(wanted)) if document == wanted => Ok(()),
+            (IdentityProof::Aws { document, .. }, _) => Err(format!("names {document}")),
+            _ => Err("not an AWS proof".into()),
+        }
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_waits_for_its_invite_to_be_bound_and_only_the_named_one_joins() {
+    let (key, kps, roster) = mesh(&[Roles::default_member()]);
+    let a = start_with(
+        kps[0].clone(),
+        Membership::Member {
+            roster,
+            mesh_key: Some(key),
+        },
+        Invites::default(),
+        vec![],
+        None,
+        Some(naive_verifier()),
+    );
+    let code = eventually("A listening", || async {
+        a.net
+            .invite(
+                Duration::from_secs(60),
+                Roles::from(Role::Render),
+                None,
+                Some(RequiredProof {
+                    cloud: IdentityCloud::Aws,
+                    instance: None,
+                }),
+            )
+            .await
+            .unwrap()
+            .ok()
+    })
+    .await;
+    let proof = |id: &str| {
+        Some(IdentityProof::Aws {
+            document: id.into(),
+            signature: String::new(),
+        })
+    };
+    // Before the launch call returned: the instance is told "not ready" and keeps asking.
+    let c = start_with(
+        identity::Keypair::generate_ed25519(),
+        Membership::Joining(code.clone()),
+        Invites::default(),
+        vec![],
+        proof("i-1"),
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(c.net.status().await.unwrap().state, "joining");
+    // Another instance holding the same token is refused for good once the invite is bound.
+    a.net
+        .bind_invite(
+            code.token,
+            RequiredProof {
+                cloud: IdentityCloud::Aws,
+                instance: Some("i-1".into()),
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let d = start_with(
+        identity::Keypair::generate_ed25519(),
+        Membership::Joining(code.clone()),
+        Invites::default(),
+        vec![],
+        proof("i-2"),
+        None,
+    );
+    eventually("C a member", || async {
+        c.net.status().await.unwrap().member.then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(d.net.status().await.unwrap().state, "joining");
+    // A spent invite cannot be bound again.
+    assert!(
+        a.net
+            .bind_invite(
+                code.token,
+                RequiredProof {
+                    cloud: IdentityCloud::Aws,
+                    instance: Some("i-2".into()),
+                },
+            )
+            .await
+            .unwrap()
+            .is_err()
     );
 }
 
@@ -543,6 +664,7 @@ async fn a_short_lived_certificate_expires_unless_renewed() {
                     Duration::from_secs(60),
                     Roles::from(Role::Render),
                     Some(lifetime),
+                    None,
                 )
                 .await
                 .unwrap()

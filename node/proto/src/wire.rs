@@ -78,8 +78,14 @@ pub struct RosterDelta {
 /// Redeeming an invite (joiner → inviter) or offering admission (member → pending peer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JoinRequest {
-    /// "I hold this token": answered with [`JoinResponse::Welcome`] or a refusal.
-    Redeem { mesh: MeshId, token: Token },
+    /// "I hold this token": answered with [`JoinResponse::Welcome`] or a refusal. A cloud
+    /// instance adds its cloud's signed statement of which instance it is, which an invite
+    /// made for an instance requires (DESIGN §9).
+    Redeem {
+        mesh: MeshId,
+        token: Token,
+        proof: Option<IdentityProof>,
+    },
     /// "You are admitted": the pending peer adopts the mesh if the certificate is its own.
     Admit {
         mesh: MeshId,
@@ -87,8 +93,98 @@ pub enum JoinRequest {
     },
 }
 
+/// Most bytes of each part of an [`IdentityProof`]: an AWS identity document is under 1 KiB,
+/// its signature 172 characters, a GCP identity token (`format=full`) under 2 KiB; the bound
+/// keeps a stranger's redemption small, as it is checked before the stranger is a member.
+pub const MAX_PROOF_PART_BYTES: usize = 8 * 1024;
+
+/// A cloud's signed statement of which instance the sender runs on, fetched from the
+/// instance's metadata server.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IdentityProof {
+    /// IMDS `/latest/dynamic/instance-identity/document` and `.../signature` (base64
+    /// RSA-SHA256 over the document's bytes).
+    Aws { document: String, signature: String },
+    /// The JWT from `/computeMetadata/v1/instance/service-accounts/default/identity`
+    /// (`format=full`, RS256), with the mesh id as its audience.
+    Gcp { token: String },
+}
+
+impl std::fmt::Debug for IdentityProof {
+    // The proof is a bearer credential for its audience: logs show only its kind and size.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IdentityProof::Aws { document, .. } => {
+                write!(f, "Aws {{ document: {} bytes }}", document.len())
+            }
+            IdentityProof::Gcp { token } => write!(f, "Gcp {{ token: {} bytes }}", token.len()),
+        }
+    }
+}
+
+impl IdentityProof {
+    /// The cloud that signed it.
+    pub fn cloud(&self) -> IdentityCloud {
+        match self {
+            IdentityProof::Aws { .. } => IdentityCloud::Aws,
+            IdentityProof::Gcp { .. } => IdentityCloud::Gcp,
+        }
+    }
+
+    /// Whether every part is within [`MAX_PROOF_PART_BYTES`].
+    pub fn within_bounds(&self) -> bool {
+        match self {
+            IdentityProof::Aws {
+                document,
+                signature,
+            } => document.len() <= MAX_PROOF_PART_BYTES && signature.len() <= MAX_PROOF_PART_BYTES,
+            IdentityProof::Gcp { token } => token.len() <= MAX_PROOF_PART_BYTES,
+        }
+    }
+}
+
+/// A cloud whose instances can prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityCloud {
+    Aws,
+    Gcp,
+}
+
+impl std::fmt::Display for IdentityCloud {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IdentityCloud::Aws => "aws",
+            IdentityCloud::Gcp => "gcp",
+        })
+    }
+}
+
+impl std::str::FromStr for IdentityCloud {
+    type Err = String;
+    fn from_str(s: &str) -> Result<IdentityCloud, String> {
+        match s {
+            "aws" => Ok(IdentityCloud::Aws),
+            "gcp" => Ok(IdentityCloud::Gcp),
+            other => Err(format!(
+                "unknown cloud {other:?}: instances prove who they are on aws or gcp"
+            )),
+        }
+    }
+}
+
+/// What an invite made for a cloud instance demands of its redeemer: a proof from `cloud`
+/// naming `instance` (an AWS instance id, a GCE instance name). `instance` is `None` until
+/// the provisioner learns the id (after the launch call returns); a redemption before then is
+/// refused with [`Refusal::NotReady`], which the joiner retries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequiredProof {
+    pub cloud: IdentityCloud,
+    pub instance: Option<String>,
+}
+
 /// Why a join was refused; shown to the person who typed the code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refusal {
     #[error("this invite has already been used")]
     AlreadyUsed,
@@ -104,6 +200,11 @@ pub enum Refusal {
     AlreadyMember,
     #[error("the admission offer carries no valid certificate for this peer")]
     BadOffer,
+    /// The invite awaits the id of the instance it was made for; the joiner asks again.
+    #[error("the inviter does not know this instance's id yet (it is still launching); retry")]
+    NotReady,
+    #[error("the instance's identity proof was refused: {0}")]
+    IdentityRefused(String),
 }
 
 /// Answer to a [`JoinRequest`].
