@@ -141,9 +141,21 @@ pub struct InviteRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_lifetime_secs: Option<u64>,
     /// The cloud instance that must redeem it, as `CLOUD:ID` (`aws:i-0123…`, `gcp:NAME`): its
-    /// redemption must carry that cloud's signed proof naming the instance.
+    /// redemption must carry that cloud's signed proof naming the instance. `CLOUD` alone
+    /// (`aws`): an instance about to launch, named later with `POST /v1/invites/bind`; until
+    /// then its redemption is answered "not ready".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+}
+
+/// `POST /v1/invites/bind`: names the instance an invite made with `"instance": "aws"` (or
+/// `"gcp"`) was for, once its launch returned the id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindRequest {
+    /// The invite code.
+    pub code: String,
+    /// `CLOUD:ID`, as in [`InviteRequest::instance`].
+    pub instance: String,
 }
 
 /// An invite code and when it expires.
@@ -342,6 +354,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self,
         req: InviteRequest,
     ) -> impl Future<Output = Result<InviteView, ApiError>> + Send;
+    /// `POST /v1/invites/bind`.
+    fn bind_invite(
+        &self,
+        req: BindRequest,
+    ) -> impl Future<Output = Result<InviteView, ApiError>> + Send;
     /// `POST /v1/admit`.
     fn admit(&self, req: AdmitRequest) -> impl Future<Output = Result<PeerRef, ApiError>> + Send;
     /// `POST /v1/revoke`.
@@ -409,6 +426,7 @@ pub fn router<B: Backend>(token: String, backend: B) -> Router {
         .route("/v1/status", get(status::<B>))
         .route("/v1/peers", get(peers::<B>))
         .route("/v1/invites", post(invite::<B>))
+        .route("/v1/invites/bind", post(bind_invite::<B>))
         .route("/v1/admit", post(admit::<B>))
         .route("/v1/revoke", post(revoke::<B>))
         .route("/v1/store", get(store_list::<B>))
@@ -598,6 +616,16 @@ async fn invite<B: Backend>(
     }
 }
 
+async fn bind_invite<B: Backend>(
+    State(backend): State<B>,
+    body: Result<axum::Json<BindRequest>, JsonRejection>,
+) -> Response {
+    match body {
+        Ok(axum::Json(req)) => reply(backend.bind_invite(req).await),
+        Err(rejection) => json_rejection(rejection),
+    }
+}
+
 async fn admit<B: Backend>(
     State(backend): State<B>,
     body: Result<axum::Json<AdmitRequest>, JsonRejection>,
@@ -773,6 +801,13 @@ pub(crate) mod fake {
             Ok(InviteView {
                 code: format!("code:{}", req.roles.join(",")),
                 expires_at: 1_000 + req.ttl_secs,
+            })
+        }
+
+        async fn bind_invite(&self, req: BindRequest) -> Result<InviteView, ApiError> {
+            Ok(InviteView {
+                code: req.code,
+                expires_at: 1_000,
             })
         }
 

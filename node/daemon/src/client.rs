@@ -165,6 +165,11 @@ impl Client {
         self.post("/v1/invites", req)
     }
 
+    /// `POST /v1/invites/bind`.
+    pub fn bind_invite(&self, req: &crate::api::BindRequest) -> Result<InviteView, ClientError> {
+        self.post("/v1/invites/bind", req)
+    }
+
     /// `POST /v1/admit`.
     pub fn admit(&self, req: &AdmitRequest) -> Result<PeerRef, ClientError> {
         self.post("/v1/admit", req)

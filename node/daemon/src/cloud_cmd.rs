@@ -201,18 +201,32 @@ async fn launch(
     client: &Client,
     status: &StatusView,
 ) -> anyhow::Result<Instance> {
+    let identity = provision::identity_cloud(cloud, provider.name());
     let invite = client.invite(&InviteRequest {
         ttl_secs: cloud.limits().join_timeout_secs,
         roles: vec!["render".into()],
         cert_lifetime_secs: Some(cloud.cert_lifetime_secs()),
-        instance: None,
+        // As the provisioner does: the invite waits for the instance's id (see `launch` there).
+        instance: identity.map(|c| c.to_string()),
     })?;
     let code = InviteCode::decode(&invite.code).context("the daemon's invite is unreadable")?;
-    let user_data = provision::user_data(status, &code, provider.name())?;
+    let user_data = blendnet_cloud::userdata::UserData {
+        identity: identity.map(|c| c.to_string()),
+        ..provision::user_data(status, &code, provider.name())?
+    };
     let types = match cloud.instance_type {
         Some(_) => Vec::new(),
         None => provider.instance_types().await?,
     };
     let specs = provision::launch_specs(cloud, &types, &user_data, &code);
-    Ok(launch_first(provider, &specs).await?)
+    let instance = launch_first(provider, &specs).await?;
+    if let Some(cloud) = identity {
+        client
+            .bind_invite(&crate::api::BindRequest {
+                code: invite.code.clone(),
+                instance: format!("{cloud}:{}", instance.id),
+            })
+            .with_context(|| format!("naming instance {} in its invite", instance.id))?;
+    }
+    Ok(instance)
 }

@@ -756,10 +756,14 @@ impl Backend for NodeBackend {
         }
         let proof = match req.instance.as_deref() {
             None => None,
-            Some(text) => Some(
-                blendnet_cloud::identity::parse_instance(text)
+            Some(text) => Some(match text.parse::<blendnet_proto::wire::IdentityCloud>() {
+                Ok(cloud) => blendnet_proto::wire::RequiredProof {
+                    cloud,
+                    instance: None,
+                },
+                Err(_) => blendnet_cloud::identity::parse_instance(text)
                     .map_err(|e| ApiError::BadRequest(e.to_string()))?,
-            ),
+            }),
         };
         let code = self
             .net
@@ -780,6 +784,22 @@ impl Backend for NodeBackend {
             })?;
         Ok(InviteView {
             code: code.encode(),
+            expires_at: code.expires_at,
+        })
+    }
+
+    async fn bind_invite(&self, req: api::BindRequest) -> Result<InviteView, ApiError> {
+        let code =
+            InviteCode::decode(&req.code).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let proof = blendnet_cloud::identity::parse_instance(&req.instance)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        self.net
+            .bind_invite(code.token, proof)
+            .await
+            .map_err(stopped_error)?
+            .map_err(|e| ApiError::Conflict(e.to_string()))?;
+        Ok(InviteView {
+            code: req.code,
             expires_at: code.expires_at,
         })
     }
