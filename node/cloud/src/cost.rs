@@ -120,18 +120,17 @@ impl Boot {
     /// The typical boot of a provider's instances.
     /// - `local`: a daemon on this machine: the provisioner's next tick (0 to 2 s, the daemon's
     ///   `provision::TICK`), `enroll` and joining (under a second), Blender's version and
-    ///   devices (about a second), then learning of the job: a peer that joins after the job
-    ///   was gossiped hears of it at its next anti-entropy round (0 to 10 s, the daemon's
-    ///   `board::SYNC_EVERY`). Seen in the end-to-end test on a 2-core machine: 10 s from
-    ///   submission to the first task.
+    ///   devices (about a second), then learning of the job: a board that starts, or that sees
+    ///   its first member online, asks a member for the jobs at once. Seen in the end-to-end
+    ///   test on a 2-core machine: about 3 s from submission to the first task.
     /// - `aws`, `gcp`: a spot request or insert, a Debian boot, the bootstrap downloading and
     ///   checking a pinned Blender (~300 MB) and `blendnet`, joining: typically 1.5 to 4 minutes
     ///   (not measured here: no cloud is reachable from CI).
     pub fn of(provider: &str) -> Boot {
         match provider {
             "local" => Boot {
-                low: 2.0,
-                high: 14.0,
+                low: 1.5,
+                high: 5.0,
             },
             "gcp" => Boot {
                 low: 80.0,

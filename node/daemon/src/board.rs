@@ -446,6 +446,9 @@ impl BoardActor {
                     self.on_message(message);
                 }
                 self.deliver(self.deliveries.jobs());
+                // A node that starts (a cloud instance that just joined) learns of the jobs
+                // now rather than at its first anti-entropy tick, up to SYNC_EVERY later.
+                self.sync();
             }
             Err(e) => tracing::error!(error = %e, "cannot start the job board"),
         }
@@ -666,11 +669,17 @@ impl BoardActor {
 
     fn on_members(&mut self, members: Vec<Member>) {
         let me = self.keypair.public().to_peer_id();
+        let was_alone = self.live.is_empty();
         self.live = members
             .iter()
             .filter(|m| m.live && m.peer != me)
             .map(|m| m.peer)
             .collect();
+        // The first member to come online (at start, or after being cut off) is asked for the
+        // jobs at once: gossip sent while we were alone never reached us.
+        if was_alone && !self.live.is_empty() {
+            self.sync();
+        }
         if self.self_roles.is_none() {
             self.self_roles = members.iter().find(|m| m.peer == me).map(|m| m.roles);
         }
