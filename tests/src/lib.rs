@@ -856,6 +856,74 @@ pub struct HttpResponse {
     pub body: String,
 }
 
+/// One request as [`serve_http`] hands it to its handler.
+#[derive(Debug)]
+pub struct HttpRequest {
+    pub method: String,
+    pub path: String,
+    /// Header lines, lowercased and trimmed (`name: value`).
+    pub headers: Vec<String>,
+}
+
+impl HttpRequest {
+    /// Whether the request carries the header line `line` (lowercase, `name: value`).
+    pub fn has(&self, line: &str) -> bool {
+        self.headers.iter().any(|h| h == line)
+    }
+
+    /// Whether the request carries a header named `name` (lowercase).
+    pub fn has_header(&self, name: &str) -> bool {
+        self.headers
+            .iter()
+            .any(|h| h.split(':').next() == Some(name))
+    }
+}
+
+/// A stand-in HTTP/1.1 server on loopback (a cloud's metadata server, say): one thread, one
+/// request per connection, answered with `handler`'s status line (`"200 OK"`) and body.
+/// Returns its address; it serves until the test process ends.
+pub fn serve_http(
+    handler: impl Fn(&HttpRequest) -> (&'static str, String) + Send + 'static,
+) -> Result<SocketAddr> {
+    use std::io::BufRead;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let Ok(clone) = stream.try_clone() else {
+                continue;
+            };
+            let mut reader = std::io::BufReader::new(clone);
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let mut request = HttpRequest {
+                method: parts.next().unwrap_or_default().to_owned(),
+                path: parts.next().unwrap_or_default().to_owned(),
+                headers: Vec::new(),
+            };
+            loop {
+                let mut header = String::new();
+                match reader.read_line(&mut header) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if header.trim().is_empty() => break,
+                    Ok(_) => request.headers.push(header.trim().to_ascii_lowercase()),
+                }
+            }
+            let (status, body) = handler(&request);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok(addr)
+}
+
 /// A minimal HTTP/1.1 `GET` over a raw `TcpStream` (no client dependency), bounded by
 /// [`HTTP_TIMEOUT`] as a whole and [`HTTP_MAX_BYTES`].
 pub fn http_get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Result<HttpResponse> {

@@ -17,6 +17,21 @@ fn rendering_alone() -> std::sync::MutexGuard<'static, ()> {
     RENDERING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A node in a new mesh whose `[cloud]` table is the local provider with `settings` (more
+/// lines of the table), running and not rendering: whatever renders is an instance it starts.
+fn provisioner(settings: &str) -> anyhow::Result<Node> {
+    let (mut a, _) = Node::init("provisioner")?;
+    std::fs::write(
+        a.data_dir().join("blendnet.toml"),
+        format!(
+            "[cloud]\nprovider = \"local\"\njoin_timeout = \"5m\"\n{settings}\n\
+             local_args = [\"--listen\", \"/ip4/127.0.0.1/tcp/0\", \"--api\", \"127.0.0.1:0\", \"--no-mdns\"]\n"
+        ),
+    )?;
+    a.up(&["--no-render"])?;
+    Ok(a)
+}
+
 /// `blendnet render SCENE ARGS... --wait --json` on `node`: the job's id, once it is done.
 fn render_and_wait(
     node: &Node,
@@ -121,14 +136,7 @@ fn an_instance_enrolls_with_its_user_data_once_and_a_replayed_token_is_refused()
 fn cloud_up_starts_a_local_instance_that_joins_renders_and_goes_with_cloud_down() {
     e2e(|| {
         let _alone = rendering_alone();
-        let (mut a, _) = Node::init("provisioner")?;
-        std::fs::write(
-            a.data_dir().join("blendnet.toml"),
-            "[cloud]\nprovider = \"local\"\njoin_timeout = \"5m\"\n\
-             local_args = [\"--listen\", \"/ip4/127.0.0.1/tcp/0\", \"--api\", \"127.0.0.1:0\", \"--no-mdns\"]\n",
-        )?;
-        // The provisioner does not render: whatever renders is the instance.
-        a.up(&["--no-render"])?;
+        let a = provisioner("")?;
         let id = a.cli_ok(&["cloud", "up"])?.trim().to_owned();
         ensure!(id.starts_with("local-"), "cloud up printed {id:?}");
         let instance_peer = eventually(ONLINE_WITHIN, Duration::from_millis(250), || {
@@ -200,15 +208,8 @@ fn cloud_up_starts_a_local_instance_that_joins_renders_and_goes_with_cloud_down(
 fn pending_work_starts_instances_that_render_it_and_are_terminated_when_idle() {
     e2e(|| {
         let _alone = rendering_alone();
-        let (mut a, _) = Node::init("provisioner")?;
-        std::fs::write(
-            a.data_dir().join("blendnet.toml"),
-            "[cloud]\nprovider = \"local\"\njoin_timeout = \"5m\"\nmax_instances = 2\n\
-             idle_grace = \"12s\"\ncert_lifetime = \"8s\"\n\
-             local_args = [\"--listen\", \"/ip4/127.0.0.1/tcp/0\", \"--api\", \"127.0.0.1:0\", \"--no-mdns\"]\n",
-        )?;
-        // The provisioner does not render: the mesh has no render peer until it starts one.
-        a.up(&["--no-render"])?;
+        // The mesh has no render peer until the provisioner starts one.
+        let a = provisioner("max_instances = 2\nidle_grace = \"12s\"\ncert_lifetime = \"8s\"")?;
         let instances = |a: &Node| -> anyhow::Result<Vec<serde_json::Value>> {
             let listed: serde_json::Value =
                 serde_json::from_str(&a.cli_ok(&["cloud", "ls", "--json"])?)?;
@@ -300,15 +301,7 @@ fn pending_work_starts_instances_that_render_it_and_are_terminated_when_idle() {
 fn the_cost_estimate_of_a_local_run_is_within_a_quarter_of_its_measured_time() {
     e2e(|| {
         let _alone = rendering_alone();
-        let (mut a, _) = Node::init("provisioner")?;
-        std::fs::write(
-            a.data_dir().join("blendnet.toml"),
-            "[cloud]\nprovider = \"local\"\njoin_timeout = \"5m\"\nmax_instances = 1\n\
-             idle_grace = \"4s\"\nlocal_price_per_hour = 3.6\n\
-             local_args = [\"--listen\", \"/ip4/127.0.0.1/tcp/0\", \"--api\", \"127.0.0.1:0\", \"--no-mdns\"]\n",
-        )?;
-        // The provisioner does not render: the instance it starts renders everything.
-        a.up(&["--no-render"])?;
+        let a = provisioner("max_instances = 1\nidle_grace = \"4s\"\nlocal_price_per_hour = 3.6")?;
         let scene = a.data_dir().with_file_name("project").join("heavy.blend");
         make_scene(
             &scene,

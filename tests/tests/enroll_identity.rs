@@ -9,7 +9,7 @@ use anyhow::{Context, Result, ensure};
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::KeySize;
 use aws_lc_rs::signature::{KeyPair as _, RSA_PKCS1_SHA256, RsaKeyPair};
-use blendnet_tests::{Node, e2e, eventually, has_error_line, string_array};
+use blendnet_tests::{Node, e2e, eventually, has_error_line, serve_http, string_array};
 use data_encoding::BASE64;
 use serde_json::json;
 
@@ -17,7 +17,6 @@ const ONLINE_WITHIN: Duration = Duration::from_secs(30);
 
 /// An IMDSv2 fake serving one instance identity document and its signature by `key`.
 fn fake_imds(key: &RsaKeyPair, instance: &str) -> Result<std::net::SocketAddr> {
-    use std::io::{BufRead, BufReader, Write};
     let document = json!({
         "accountId": "123456789012",
         "architecture": "x86_64",
@@ -47,52 +46,20 @@ fn fake_imds(key: &RsaKeyPair, instance: &str) -> Result<std::net::SocketAddr> {
         .map(|c| String::from_utf8_lossy(c).into_owned())
         .collect::<Vec<_>>()
         .join("\n");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let Ok(clone) = stream.try_clone() else {
-                continue;
-            };
-            let mut reader = BufReader::new(clone);
-            let mut request = String::new();
-            if reader.read_line(&mut request).is_err() {
-                continue;
+    serve_http(move |r| {
+        let (status, body) = match (r.method.as_str(), r.path.as_str()) {
+            ("PUT", "/latest/api/token") => ("200 OK", "imds-token"),
+            ("GET", _) if !r.has("x-aws-ec2-metadata-token: imds-token") => {
+                ("401 Unauthorized", "")
             }
-            let mut headers = Vec::new();
-            loop {
-                let mut line = String::new();
-                match reader.read_line(&mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) if line.trim().is_empty() => break,
-                    Ok(_) => headers.push(line.trim().to_ascii_lowercase()),
-                }
+            ("GET", "/latest/dynamic/instance-identity/document") => ("200 OK", document.as_str()),
+            ("GET", "/latest/dynamic/instance-identity/signature") => {
+                ("200 OK", signature.as_str())
             }
-            let authorized = headers
-                .iter()
-                .any(|l| l == "x-aws-ec2-metadata-token: imds-token");
-            let mut parts = request.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, body) = match (method, path) {
-                ("PUT", "/latest/api/token") => ("200 OK", "imds-token"),
-                ("GET", _) if !authorized => ("401 Unauthorized", ""),
-                ("GET", "/latest/dynamic/instance-identity/document") => {
-                    ("200 OK", document.as_str())
-                }
-                ("GET", "/latest/dynamic/instance-identity/signature") => {
-                    ("200 OK", signature.as_str())
-                }
-                _ => ("404 Not Found", ""),
-            };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    Ok(addr)
+            _ => ("404 Not Found", ""),
+        };
+        (status, body.to_owned())
+    })
 }
 
 /// A node enrolling with `user_data`, its metadata server at `imds` (if any).

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use blendnet_tests::{MESH_ONLINE_WITHIN, Node, e2e, eventually, online_peers};
+use blendnet_tests::{MESH_ONLINE_WITHIN, Node, e2e, eventually, online_peers, serve_http};
 use serde_json::Value;
 
 /// The renderer of known duration.
@@ -313,8 +313,7 @@ fn killing_every_peer_and_restarting_them_resumes_the_job() {
 
 /// A cloud metadata server on loopback for both clouds: AWS's IMDSv2 (a session token, then
 /// `spot/instance-action`, 404 until the notice) and GCP's `instance/preempted` (`FALSE` until
-/// the notice; only with `Metadata-Flavor: Google`). One thread answers a request per
-/// connection.
+/// the notice; only with `Metadata-Flavor: Google`).
 struct FakeMetadata {
     addr: std::net::SocketAddr,
     notice: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -322,67 +321,38 @@ struct FakeMetadata {
 
 impl FakeMetadata {
     fn start() -> Result<FakeMetadata> {
-        use std::io::{BufRead, BufReader, Write};
         use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?;
         let notice = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = notice.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let mut request = String::new();
-                let mut headers = Vec::new();
-                if reader.read_line(&mut request).is_err() {
-                    continue;
+        let addr = serve_http(move |r| {
+            let noticed = flag.load(Ordering::SeqCst);
+            let (status, body) = match (r.method.as_str(), r.path.as_str()) {
+                ("PUT", "/latest/api/token")
+                    if r.has_header("x-aws-ec2-metadata-token-ttl-seconds") =>
+                {
+                    ("200 OK", "imds-token")
                 }
-                loop {
-                    let mut line = String::new();
-                    match reader.read_line(&mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) if line.trim().is_empty() => break,
-                        Ok(_) => headers.push(line.trim().to_ascii_lowercase()),
-                    }
+                ("GET", "/latest/meta-data/spot/instance-action")
+                    if !r.has("x-aws-ec2-metadata-token: imds-token") =>
+                {
+                    ("401 Unauthorized", "")
                 }
-                let has = |h: &str| headers.iter().any(|l| l == h);
-                let noticed = flag.load(Ordering::SeqCst);
-                let mut parts = request.split_whitespace();
-                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                let (status, body) = match (method, path) {
-                    ("PUT", "/latest/api/token")
-                        if headers
-                            .iter()
-                            .any(|l| l.starts_with("x-aws-ec2-metadata-token-ttl-seconds:")) =>
-                    {
-                        ("200 OK", "imds-token")
-                    }
-                    ("GET", "/latest/meta-data/spot/instance-action")
-                        if !has("x-aws-ec2-metadata-token: imds-token") =>
-                    {
-                        ("401 Unauthorized", "")
-                    }
-                    ("GET", "/latest/meta-data/spot/instance-action") if noticed => (
-                        "200 OK",
-                        r#"{"action":"terminate","time":"2026-11-26T12:00:00Z"}"#,
-                    ),
-                    ("GET", "/computeMetadata/v1/instance/preempted")
-                        if !has("metadata-flavor: google") =>
-                    {
-                        ("403 Forbidden", "Metadata-Flavor: Google is required")
-                    }
-                    ("GET", "/computeMetadata/v1/instance/preempted") => {
-                        ("200 OK", if noticed { "TRUE" } else { "FALSE" })
-                    }
-                    _ => ("404 Not Found", ""),
-                };
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
+                ("GET", "/latest/meta-data/spot/instance-action") if noticed => (
+                    "200 OK",
+                    r#"{"action":"terminate","time":"2026-11-26T12:00:00Z"}"#,
+                ),
+                ("GET", "/computeMetadata/v1/instance/preempted")
+                    if !r.has("metadata-flavor: google") =>
+                {
+                    ("403 Forbidden", "Metadata-Flavor: Google is required")
+                }
+                ("GET", "/computeMetadata/v1/instance/preempted") => {
+                    ("200 OK", if noticed { "TRUE" } else { "FALSE" })
+                }
+                _ => ("404 Not Found", ""),
+            };
+            (status, body.to_owned())
+        })?;
         Ok(FakeMetadata { addr, notice })
     }
 
