@@ -157,6 +157,54 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, Result<Vec<Price>, CloudError>>;
 }
 
+/// The launches to try, in order, for one instance with `user_data`: each instance type
+/// (`instance_type`, or every type the provider offers, cheapest per core first) in each zone
+/// it is priced in, cheapest first (where the provider names no price, its own choice of
+/// zone). Each is tagged with the mesh, the provisioner and `invite_tag`, so the instance is
+/// found again and its peer known. [`launch_first`] falls through them on capacity errors.
+pub async fn launch_specs(
+    provider: &dyn Provider,
+    instance_type: Option<&str>,
+    spot: bool,
+    user_data: &userdata::UserData,
+    invite_tag: &str,
+) -> Result<Vec<LaunchSpec>, CloudError> {
+    let names: Vec<String> = match instance_type {
+        Some(t) => vec![t.to_owned()],
+        None => provider
+            .instance_types()
+            .await?
+            .into_iter()
+            .map(|t| t.name)
+            .collect(),
+    };
+    let encoded = user_data.encode();
+    let tags: BTreeMap<String, String> = [
+        (TAG_MESH.to_owned(), user_data.mesh.clone()),
+        (TAG_PROVISIONER.to_owned(), user_data.provisioner.clone()),
+        (TAG_INVITE.to_owned(), invite_tag.to_owned()),
+    ]
+    .into();
+    let mut specs = Vec::new();
+    for instance_type in names {
+        let zones: Vec<Option<String>> = match provider.prices(&instance_type, spot).await {
+            Ok(mut prices) if !prices.is_empty() => {
+                prices.sort_by(|a, b| a.per_hour.total_cmp(&b.per_hour));
+                prices.into_iter().map(|p| Some(p.zone)).collect()
+            }
+            _ => vec![None],
+        };
+        specs.extend(zones.into_iter().map(|zone| LaunchSpec {
+            instance_type: instance_type.clone(),
+            zone,
+            user_data: encoded.clone(),
+            tags: tags.clone(),
+            spot,
+        }));
+    }
+    Ok(specs)
+}
+
 /// Launches the first of `specs` that has capacity: a [`CloudError::Capacity`] answer moves on
 /// to the next spec (another instance type or zone); any other error stops at once, since
 /// another type would fail the same way (credentials, quota, a bad request). When every spec

@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use aws_sdk_ec2::types::{Filter, InstanceLifecycleType, IpPermission, IpRange};
 use blendnet_cloud::aws::{AwsConfig, AwsProvider, DEFAULT_PEER_PORT};
 use blendnet_cloud::local::tags;
+use blendnet_cloud::userdata::{USER_DATA_VERSION, UserData};
 use blendnet_cloud::{
-    CloudError, InstanceState, LaunchSpec, Provider, TAG_MESH, TAG_PROVISIONER, launch_first,
+    CloudError, InstanceState, LaunchSpec, Provider, TAG_INVITE, TAG_MESH, TAG_PROVISIONER,
+    launch_first, launch_specs,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -461,7 +463,8 @@ async fn instance_types_and_prices() {
     );
 }
 
-/// What the fault proxy answers for `RunInstances` of one type: HTTP status and AWS error code.
+/// What the fault proxy answers for `RunInstances` of one type (`TYPE`, or `TYPE@ZONE` for one
+/// zone only): HTTP status and AWS error code.
 type Faults = &'static [(&'static str, u16, &'static str)];
 
 /// A proxy in front of moto that answers `RunInstances` of the types in `faults` with AWS's
@@ -547,9 +550,13 @@ async fn proxy_one(
     let body = String::from_utf8_lossy(&request[head_len..]).into_owned();
     let params: Vec<&str> = body.split('&').collect();
     if params.contains(&"Action=RunInstances") {
-        for &(instance_type, status, code) in faults {
-            if params.contains(&format!("InstanceType={instance_type}").as_str()) {
-                *counts.lock().unwrap().entry(instance_type).or_default() += 1;
+        for &(key, status, code) in faults {
+            let (instance_type, zone) = key.split_once('@').unwrap_or((key, ""));
+            if params.contains(&format!("InstanceType={instance_type}").as_str())
+                && (zone.is_empty()
+                    || params.contains(&format!("Placement.AvailabilityZone={zone}").as_str()))
+            {
+                *counts.lock().unwrap().entry(key).or_default() += 1;
                 let xml = format!(
                     "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>\
                      <Code>{code}</Code><Message>We currently do not have sufficient \
@@ -736,4 +743,50 @@ async fn bad_requests_and_credentials_and_an_unreachable_endpoint_are_told_apart
         matches!(&err, CloudError::Io(m) if m.contains(&nowhere)),
         "{err:?}"
     );
+}
+
+#[tokio::test]
+async fn a_launch_falls_through_the_zones_of_a_type_cheapest_first() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(
+        moto.addr(),
+        &[(
+            "c5a.16xlarge@us-east-1a",
+            500,
+            "InsufficientInstanceCapacity",
+        )],
+    )
+    .await;
+    let provider = provider(&moto, &proxy.url).await;
+    let user_data = UserData {
+        version: USER_DATA_VERSION,
+        mesh: "zonemesh".into(),
+        bootstrap: vec!["/ip4/10.0.0.1/tcp/7741/p2p/12D3KooWprov".into()],
+        provisioner: "12D3KooWprov".into(),
+        token: "BN1token".into(),
+        expires_at: u64::MAX,
+        preemption: Some("aws".into()),
+        identity: None,
+    };
+    let specs = launch_specs(
+        &provider,
+        Some("c5a.16xlarge"),
+        true,
+        &user_data,
+        "0123456789abcdef",
+    )
+    .await
+    .unwrap();
+    // One spec per zone the type is priced in; moto prices them alike, so by name.
+    let zones: Vec<&str> = specs.iter().filter_map(|s| s.zone.as_deref()).collect();
+    assert_eq!(zones.len(), specs.len(), "every spec names its zone");
+    assert!(zones.len() >= 2 && zones[0] == "us-east-1a", "{zones:?}");
+    assert!(specs.iter().all(|s| s.instance_type == "c5a.16xlarge"
+        && s.tags[TAG_INVITE] == "0123456789abcdef"
+        && s.tags[TAG_MESH] == "zonemesh"));
+    // No capacity in the cheapest zone: the next one.
+    let instance = launch_first(&provider, &specs).await.unwrap();
+    assert_eq!(instance.zone, zones[1]);
+    assert_eq!(proxy.answered("c5a.16xlarge@us-east-1a"), 1);
+    assert_eq!(instance.tags[TAG_INVITE], "0123456789abcdef");
 }

@@ -214,11 +214,7 @@ async fn launch(
         identity: identity.map(|c| c.to_string()),
         ..provision::user_data(status, &code, provider.name())?
     };
-    let types = match cloud.instance_type {
-        Some(_) => Vec::new(),
-        None => provider.instance_types().await?,
-    };
-    let specs = provision::launch_specs(cloud, &types, &user_data, &code);
+    let specs = provision::launch_specs(provider, cloud, &user_data, &code).await?;
     let instance = launch_first(provider, &specs).await?;
     if let Some(cloud) = identity {
         client

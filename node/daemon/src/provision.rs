@@ -31,8 +31,7 @@ use anyhow::{Context, anyhow};
 use blendnet_cloud::policy::{self, Demand, Limits, Managed, Offer, Reason};
 use blendnet_cloud::userdata::{USER_DATA_VERSION, UserData};
 use blendnet_cloud::{
-    Instance, InstanceType, LaunchSpec, Provider, TAG_INVITE, TAG_MESH, TAG_PROVISIONER,
-    launch_first,
+    Instance, InstanceType, LaunchSpec, Provider, TAG_INVITE, TAG_PROVISIONER, launch_first,
 };
 use blendnet_core::board::JobSummary;
 use blendnet_core::{Invites, token_tag};
@@ -88,35 +87,22 @@ pub fn identity_cloud(cloud: &CloudConfig, provider: &str) -> Option<IdentityClo
     }
 }
 
-/// The launches to try, in order, for one instance with `user_data`: the configured type, or
-/// every type the provider offers (cheapest per core first), tagged so that the instance is
-/// found again by its mesh, its provisioner and its invite.
-pub fn launch_specs(
+/// The launches to try for one instance with `user_data`: [`blendnet_cloud::launch_specs`]
+/// for the configured type (or all), tagged with the invite's [`token_tag`].
+pub async fn launch_specs(
+    provider: &dyn Provider,
     cloud: &CloudConfig,
-    types: &[InstanceType],
     user_data: &UserData,
     code: &InviteCode,
-) -> Vec<LaunchSpec> {
-    let names: Vec<String> = match &cloud.instance_type {
-        Some(t) => vec![t.clone()],
-        None => types.iter().map(|t| t.name.clone()).collect(),
-    };
-    let encoded = user_data.encode();
-    names
-        .into_iter()
-        .map(|instance_type| LaunchSpec {
-            instance_type,
-            zone: None,
-            user_data: encoded.clone(),
-            tags: [
-                (TAG_MESH.to_owned(), user_data.mesh.clone()),
-                (TAG_PROVISIONER.to_owned(), user_data.provisioner.clone()),
-                (TAG_INVITE.to_owned(), token_tag(&code.token)),
-            ]
-            .into(),
-            spot: cloud.spot,
-        })
-        .collect()
+) -> anyhow::Result<Vec<LaunchSpec>> {
+    Ok(blendnet_cloud::launch_specs(
+        provider,
+        cloud.instance_type.as_deref(),
+        cloud.spot,
+        user_data,
+        &token_tag(&code.token),
+    )
+    .await?)
 }
 
 /// What the board's jobs ask of the mesh. `mean_cores`: the cores of a render peer on
@@ -338,7 +324,7 @@ impl Provisioner {
         }
         self.renew(now, &peer_of, &plan.terminate).await;
         for _ in 0..plan.launch {
-            let instance = self.launch(&status, &types).await?;
+            let instance = self.launch(&status).await?;
             tracing::info!(
                 instance = %instance.id,
                 instance_type = %instance.instance_type,
@@ -384,11 +370,7 @@ impl Provisioner {
 
     /// Starts one instance with a fresh one-time `render` invite whose certificate is
     /// short-lived (renewed while the instance lives).
-    async fn launch(
-        &self,
-        status: &NodeStatus,
-        types: &[InstanceType],
-    ) -> anyhow::Result<Instance> {
+    async fn launch(&self, status: &NodeStatus) -> anyhow::Result<Instance> {
         let ttl = Duration::from_secs(self.limits.join_timeout_secs);
         // The invite waits for the instance's id (known once the launch call returns): until
         // it is bound, a redemption is answered "not ready" and the instance asks again.
@@ -410,7 +392,7 @@ impl Provisioner {
             identity: identity.map(|c| c.to_string()),
             ..user_data(status, &code, self.provider.name())?
         };
-        let specs = launch_specs(&self.cloud, types, &user_data, &code);
+        let specs = launch_specs(&*self.provider, &self.cloud, &user_data, &code).await?;
         let instance = launch_first(&*self.provider, &specs).await?;
         if let Some(cloud) = identity {
             let proof = RequiredProof {
