@@ -210,10 +210,7 @@ async fn launch(
         instance: identity.map(|c| c.to_string()),
     })?;
     let code = InviteCode::decode(&invite.code).context("the daemon's invite is unreadable")?;
-    let user_data = blendnet_cloud::userdata::UserData {
-        identity: identity.map(|c| c.to_string()),
-        ..provision::user_data(status, &code, provider.name())?
-    };
+    let user_data = provision::user_data(status, &code, cloud, provider.name())?;
     let specs = provision::launch_specs(provider, cloud, &user_data, &code).await?;
     let instance = launch_first(provider, &specs).await?;
     if let Some(cloud) = identity {

@@ -47,10 +47,12 @@ use crate::config::CloudConfig;
 pub const TICK: Duration = Duration::from_secs(2);
 
 /// What an instance of `provider` is told about the mesh and this node, with its one-time
-/// invite; a spot instance of a cloud with preemption notices is told to watch them.
+/// invite; a spot instance of a cloud with preemption notices is told to watch them, and one
+/// that must prove itself ([`identity_cloud`]) which identity to show.
 pub fn user_data(
     status: &NodeStatus,
     code: &InviteCode,
+    cloud: &CloudConfig,
     provider: &str,
 ) -> anyhow::Result<UserData> {
     let mesh = status
@@ -73,7 +75,7 @@ pub fn user_data(
             .parse::<blendnet_cloud::preempt::Cloud>()
             .is_ok()
             .then(|| provider.to_owned()),
-        identity: None,
+        identity: identity_cloud(cloud, provider).map(|c| c.to_string()),
     })
 }
 
@@ -388,10 +390,7 @@ impl Provisioner {
             )
             .await?
             .map_err(|e| anyhow!("making an invite for a new instance: {e}"))?;
-        let user_data = UserData {
-            identity: identity.map(|c| c.to_string()),
-            ..user_data(status, &code, self.provider.name())?
-        };
+        let user_data = user_data(status, &code, &self.cloud, self.provider.name())?;
         let specs = launch_specs(&*self.provider, &self.cloud, &user_data, &code).await?;
         let instance = launch_first(&*self.provider, &specs).await?;
         if let Some(cloud) = identity {
