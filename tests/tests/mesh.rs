@@ -449,6 +449,126 @@ fn api_requires_the_token() {
     });
 }
 
+/// One HTTPS request with curl, trusting only the node's web certificate: the status code,
+/// the response head and the body.
+fn curl_tls(
+    cert: &std::path::Path,
+    url: &str,
+    cookie: Option<&str>,
+) -> Result<(u16, String, String)> {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "--silent",
+        "--show-error",
+        "--max-time",
+        "20",
+        "--include",
+        "--cacert",
+    ])
+    .arg(cert)
+    .arg(url);
+    if let Some(cookie) = cookie {
+        cmd.args(["--cookie", cookie]);
+    }
+    let out = cmd.output().context("running curl (Debian package curl)")?;
+    ensure!(
+        out.status.success(),
+        "curl {url} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head}"))?;
+    Ok((status, head.to_owned(), body.to_owned()))
+}
+
+/// With `--web`, the status page is also served over TLS with the node's own certificate: the
+/// one-time login link works once there, its cookie is `Secure`, and nothing answers without
+/// it. The link printed for this machine is the same one-time code.
+#[test]
+fn the_status_page_is_served_over_tls_on_the_web_address() {
+    e2e(|| {
+        let mut n = Node::new("n")?;
+        n.up(&["--web", "127.0.0.1:0"])?;
+        let printed = n.cli_ok(&["web", "--no-open"])?;
+        let remote = printed
+            .split_whitespace()
+            .find(|w| w.starts_with("https://127.0.0.1:"))
+            .with_context(|| format!("no https link in {printed}"))?
+            .to_owned();
+        let local = printed.lines().last().unwrap_or_default().trim().to_owned();
+        ensure!(
+            local.starts_with("http://127.0.0.1:") && local.contains("/login?code="),
+            "the last line is not the local link: {printed}"
+        );
+        ensure!(
+            remote.ends_with(&local[local.find("/login").unwrap_or(0)..]),
+            "the two links carry different codes: {printed}"
+        );
+        let base = &remote[..remote.find("/login").unwrap_or(0)];
+        let cert = n.data_dir().join("web").join("cert.pem");
+
+        let (status, _, _) = curl_tls(&cert, &format!("{base}/v1/status"), None)?;
+        ensure!(
+            status == 401,
+            "the API over TLS without a cookie answered {status}"
+        );
+        let (status, _, _) = curl_tls(&cert, &format!("{base}/"), None)?;
+        ensure!(
+            status == 401,
+            "the page over TLS without a cookie answered {status}"
+        );
+
+        let (status, head, _) = curl_tls(&cert, &remote, None)?;
+        ensure!(status == 303, "the login link answered {status}: {head}");
+        let set_cookie = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("set-cookie: ")
+                    .or_else(|| l.strip_prefix("Set-Cookie: "))
+            })
+            .with_context(|| format!("no cookie set: {head}"))?;
+        ensure!(
+            set_cookie.contains("Secure") && set_cookie.contains("HttpOnly"),
+            "the cookie over TLS is not Secure and HttpOnly: {set_cookie}"
+        );
+        let cookie = set_cookie.split(';').next().unwrap_or_default().to_owned();
+
+        let (status, _, body) = curl_tls(&cert, &format!("{base}/v1/status"), Some(&cookie))?;
+        ensure!(
+            status == 200,
+            "the API with the cookie answered {status}: {body}"
+        );
+        let view: Value = serde_json::from_str(&body)?;
+        ensure!(
+            str_field(&view, "peer_id")? == n.peer_id()?,
+            "another node answered"
+        );
+        let (status, _, body) = curl_tls(&cert, &format!("{base}/"), Some(&cookie))?;
+        ensure!(
+            status == 200 && body.contains("<html"),
+            "the page with the cookie answered {status}"
+        );
+
+        // Once only, on either address.
+        let (status, _, _) = curl_tls(&cert, &remote, None)?;
+        ensure!(status == 401, "a second use of the link answered {status}");
+        let path = &local[local.find("/login").unwrap_or(0)..];
+        let resp = n.api_get(path, None)?;
+        ensure!(
+            resp.status == 401,
+            "the spent code on the API address answered {}",
+            resp.status
+        );
+        n.stop()?;
+        Ok(())
+    });
+}
+
 /// `blendnet.toml` is read, and a bad value or an unknown key stops `up` naming the key.
 #[test]
 fn bad_config_is_rejected_naming_the_key() {

@@ -11,8 +11,9 @@
 //! `api.addr` on exit.
 //!
 //! Wire format: JSON bodies, `Content-Type: application/json`. Every request carries
-//! `Authorization: Bearer <token>`; without it, or with a wrong token, the answer is 401. Every
-//! error is a JSON object `{"error": "<message a person can act on>"}`.
+//! `Authorization: Bearer <token>`, or the status page's session cookie (see [`crate::web`]);
+//! without either, or with a wrong token, the answer is 401. Every error is a JSON object
+//! `{"error": "<message a person can act on>"}`. The same server serves the status page at `/`.
 //!
 //! | route | request | response |
 //! |---|---|---|
@@ -29,6 +30,8 @@
 //! | `GET /v1/jobs/{id}/preview?frame=N&size=PX` | – | `image/png`: the merge of the frame's slices so far |
 //! | `POST /v1/jobs/{id}/fetch` | [`FetchRequest`] | [`FetchView`]: the finished frames, copied into a folder |
 //! | `GET /v1/events` | – | server-sent events, one [`JobChange`] per job change |
+//! | `GET /v1/cloud` | – | the provisioner's instances with their cost so far (404 without a provisioner) |
+//! | `POST /v1/web/login` | – | [`LoginView`](crate::web::LoginView): a one-time link to the status page (token only) |
 //! | `POST /v1/cost` | [`CostRequest`] | [`CostView`](crate::cost_cmd::CostView): a job's time and money per instance type (answers after a probe render of a few seconds) |
 //!
 //! Status codes: 400 bad request (malformed JSON, wrong fields, a value the backend refuses),
@@ -44,7 +47,7 @@ use axum::Router;
 use axum::extract::Path;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -52,6 +55,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
 use crate::data_dir::{self, DataDir, WriteError};
+use crate::web::{self, Auth, Credential};
 
 /// Largest request body accepted. Requests are a few small fields; the bound stops a local
 /// process from making the daemon buffer an arbitrary amount of memory (DESIGN §11).
@@ -411,6 +415,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<crate::cost_cmd::CostView, ApiError>> + Send;
     /// `GET /v1/events`: job changes from now on.
     fn job_changes(&self) -> Result<tokio::sync::broadcast::Receiver<JobChange>, ApiError>;
+
+    /// The cloud instances this node's provisioner runs, with their cost so far.
+    fn cloud(&self) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
 }
 
 /// A new random API token: [`TOKEN_BYTES`] bytes from the OS-seeded CSPRNG, hex-encoded.
@@ -419,10 +426,10 @@ pub fn new_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The API's routes, with the token check and the body limit, over `backend`.
-pub fn router<B: Backend>(token: String, backend: B) -> Router {
-    let token: Arc<str> = Arc::from(token);
-    Router::new()
+/// The API's routes and the status page, with the access check and the body limit, over
+/// `backend`.
+pub fn router<B: Backend>(auth: Arc<Auth>, backend: B) -> Router {
+    let api = Router::new()
         .route("/v1/status", get(status::<B>))
         .route("/v1/peers", get(peers::<B>))
         .route("/v1/invites", post(invite::<B>))
@@ -441,25 +448,36 @@ pub fn router<B: Backend>(token: String, backend: B) -> Router {
         .route("/v1/jobs/{id}/fetch", post(job_fetch::<B>))
         .route("/v1/events", get(events::<B>))
         .route("/v1/cost", post(cost::<B>))
+        .route("/v1/cloud", get(cloud::<B>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(backend)
+        .with_state(backend);
+    let page = Router::new()
+        .route("/", get(web::index))
+        .route("/web/{file}", get(web::file))
+        .route("/login", get(web::login))
+        .route("/v1/web/login", post(web_login))
+        .with_state(auth.clone());
+    page.merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        // Outermost: nothing runs, not even body parsing, before the token is checked.
-        .layer(middleware::from_fn_with_state(token, require_token))
+        // Outermost: nothing runs, not even body parsing, before the caller is checked.
+        .layer(middleware::from_fn_with_state(auth, require_access))
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then stops accepting and waits for
-/// requests in flight to finish (graceful shutdown).
+/// Serves the API and the page on `listener` until `shutdown` completes, then stops accepting
+/// and waits for requests in flight to finish (graceful shutdown).
 ///
 /// Cancelling the returned future drops every connection at once.
-pub async fn serve<B: Backend>(
-    listener: tokio::net::TcpListener,
-    token: String,
-    backend: B,
+pub async fn serve<L>(
+    listener: L,
+    router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(token, backend))
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -517,26 +535,47 @@ fn query_rejection(rejection: QueryRejection) -> Response {
     error_response(StatusCode::BAD_REQUEST, rejection.body_text())
 }
 
-async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return unauthorized(
+async fn require_access(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/login" {
+        return next.run(req).await;
+    }
+    let api = path.starts_with("/v1/");
+    match auth.credential(req.headers()) {
+        Err(message) => unauthorized(message),
+        Ok(Some(Credential::Token)) => next.run(req).await,
+        Ok(Some(Credential::Session)) => {
+            if path == "/v1/web/login" {
+                return error_response(
+                    StatusCode::FORBIDDEN,
+                    "login links are made with the API token (`blendnet web`), not from a page \
+                     session"
+                        .into(),
+                );
+            }
+            let reads = matches!(*req.method(), Method::GET | Method::HEAD);
+            let guarded = req
+                .headers()
+                .get(web::CSRF_HEADER)
+                .is_some_and(|v| v.as_bytes() == web::CSRF_VALUE.as_bytes());
+            if !reads && !guarded {
+                return error_response(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "a change made with the page's session cookie must carry the header \
+                         `X-Requested-With: {}`",
+                        web::CSRF_VALUE
+                    ),
+                );
+            }
+            next.run(req).await
+        }
+        Ok(None) if api => unauthorized(
             "missing `Authorization: Bearer <token>` header; the token is in api.token in the \
-             daemon's data directory",
-        );
-    };
-    let given = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    match given {
-        None => unauthorized("malformed Authorization header: expected `Bearer <token>`"),
-        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => next.run(req).await,
-        Some(_) => unauthorized(
-            "wrong API token; use the one in api.token in the daemon's data directory (it \
-             changes each time the daemon starts)",
+             daemon's data directory (a page session needs the cookie of a `blendnet web` login \
+             link)",
         ),
+        Ok(None) => web::login_required(),
     }
 }
 
@@ -551,7 +590,7 @@ fn unauthorized(message: &str) -> Response {
 
 /// Compares without an early exit, so the time taken does not tell how much of a guessed token
 /// was right. (The length is not secret: every token has the same one.)
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -704,6 +743,14 @@ async fn cost<B: Backend>(
         Ok(axum::Json(req)) => reply(backend.cost(req).await),
         Err(rejection) => json_rejection(rejection),
     }
+}
+
+async fn cloud<B: Backend>(State(backend): State<B>) -> Response {
+    reply(backend.cloud().await)
+}
+
+async fn web_login(State(auth): State<Arc<Auth>>) -> Response {
+    axum::Json(auth.login()).into_response()
 }
 
 async fn job_logs<B: Backend>(State(backend): State<B>, Path(id): Path<String>) -> Response {
@@ -886,6 +933,10 @@ pub(crate) mod fake {
         async fn cost(&self, req: CostRequest) -> Result<crate::cost_cmd::CostView, ApiError> {
             Err(ApiError::BadRequest(format!("{} is not a file", req.scene)))
         }
+
+        async fn cloud(&self) -> Result<serde_json::Value, ApiError> {
+            Err(ApiError::NotFound("no provisioner here".into()))
+        }
     }
 
     /// Serves [`FakeBackend`] on a free loopback port until the returned sender is dropped.
@@ -899,7 +950,12 @@ pub(crate) mod fake {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, token.to_owned(), FakeBackend, async move {
+        let auth = Arc::new(Auth::new(token.to_owned()));
+        auth.set_places(web::Places {
+            local: addr,
+            remote: None,
+        });
+        let task = tokio::spawn(serve(listener, router(auth, FakeBackend), async move {
             let _ = stopped.await;
         }));
         (addr, stop, task)
@@ -925,9 +981,21 @@ mod tests {
         auth: Option<&str>,
         body: Option<&[u8]>,
     ) -> (u16, String, serde_json::Value) {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        raw_with(addr, method, path, &headers, body).await
+    }
+
+    /// [`raw`] with any headers.
+    async fn raw_with(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> (u16, String, serde_json::Value) {
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        if let Some(auth) = auth {
-            req.push_str(&format!("Authorization: {auth}\r\n"));
+        for (name, value) in headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
         }
         if let Some(body) = body {
             req.push_str(&format!(
@@ -956,6 +1024,97 @@ mod tests {
 
     fn bearer() -> String {
         format!("Bearer {TOKEN}")
+    }
+
+    /// The value of header `name` in a response head.
+    fn header_of<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+        head.lines().find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    #[tokio::test]
+    async fn a_login_link_works_once_and_its_cookie_opens_the_page_and_the_api() {
+        let (addr, _stop, _task) = fake::spawn(TOKEN).await;
+        let bearer = bearer();
+
+        // Without a token or a cookie, neither the page nor the API answers.
+        let (status, head, _) = raw(addr, "GET", "/", None, None).await;
+        assert_eq!(status, 401, "{head}");
+        assert!(
+            header_of(&head, "content-type")
+                .unwrap()
+                .starts_with("text/html")
+        );
+        let (status, _, _) = raw(addr, "GET", "/web/app.js", None, None).await;
+        assert_eq!(status, 401);
+
+        let (status, _, login) = raw(addr, "POST", "/v1/web/login", Some(&bearer), None).await;
+        assert_eq!(status, 200, "{login}");
+        let url = login["url"].as_str().unwrap();
+        assert!(
+            url.starts_with(&format!("http://{addr}/login?code=")),
+            "{url}"
+        );
+        let path = &url[url.find("/login").unwrap()..];
+
+        let (status, head, _) = raw(addr, "GET", path, None, None).await;
+        assert_eq!(status, 303, "{head}");
+        assert_eq!(header_of(&head, "location"), Some("/"));
+        assert_eq!(header_of(&head, "referrer-policy"), Some("no-referrer"));
+        let set_cookie = header_of(&head, "set-cookie").unwrap();
+        assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
+        assert!(set_cookie.contains("SameSite=Strict"), "{set_cookie}");
+        assert!(!set_cookie.contains("Secure"), "plain HTTP: {set_cookie}");
+        let cookie = set_cookie.split(';').next().unwrap();
+        assert!(cookie.starts_with("blendnet_session="), "{cookie}");
+
+        // The link works once.
+        let (status, head, _) = raw(addr, "GET", path, None, None).await;
+        assert_eq!(status, 401, "{head}");
+        assert!(header_of(&head, "set-cookie").is_none());
+        let (status, _, _) = raw(addr, "GET", "/login?code=0000", None, None).await;
+        assert_eq!(status, 401);
+
+        let with_cookie = [("Cookie", cookie)];
+        let (status, head, _) = raw_with(addr, "GET", "/", &with_cookie, None).await;
+        assert_eq!(status, 200, "{head}");
+        assert!(
+            header_of(&head, "content-security-policy")
+                .unwrap()
+                .contains("default-src 'self'")
+        );
+        let (status, head, _) = raw_with(addr, "GET", "/web/style.css", &with_cookie, None).await;
+        assert_eq!(status, 200, "{head}");
+        let (status, _, body) = raw_with(addr, "GET", "/v1/status", &with_cookie, None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["peer_id"], "12D3KooWFake");
+
+        // Another cookie, or a session id one character off, is no session.
+        let forged = format!("{}0", &cookie[..cookie.len() - 1]);
+        let (status, _, _) =
+            raw_with(addr, "GET", "/v1/status", &[("Cookie", &forged)], None).await;
+        assert_eq!(status, 401);
+        let (status, _, _) =
+            raw_with(addr, "GET", "/v1/status", &[("Cookie", "other=1")], None).await;
+        assert_eq!(status, 401);
+
+        // A change made with the cookie needs the cross-site guard header.
+        let (status, _, body) = raw_with(addr, "DELETE", "/v1/jobs/j1", &with_cookie, None).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("X-Requested-With"),
+            "{body}"
+        );
+        let guarded = [("Cookie", cookie), ("X-Requested-With", "blendnet")];
+        let (status, _, body) = raw_with(addr, "DELETE", "/v1/jobs/j1", &guarded, None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["job"], "j1");
+
+        // A page session cannot make more login links.
+        let (status, _, _) = raw_with(addr, "POST", "/v1/web/login", &guarded, None).await;
+        assert_eq!(status, 403);
     }
 
     #[tokio::test]

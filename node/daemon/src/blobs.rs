@@ -97,6 +97,16 @@ pub struct Blobs {
     progress: Arc<Mutex<BTreeMap<BlobHash, Progress>>>,
     holders: Holders,
     announce: tokio::sync::mpsc::Sender<HaveEntry>,
+    /// Blob payload bytes exchanged with each peer since the daemon started.
+    traffic: Arc<Mutex<HashMap<PeerId, Traffic>>>,
+}
+
+/// Blob payload bytes exchanged with one peer: verified bytes fetched from it, and bytes
+/// served to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 impl std::fmt::Debug for Blobs {
@@ -143,6 +153,7 @@ impl Blobs {
             progress: Arc::default(),
             holders: Arc::default(),
             announce,
+            traffic: Arc::default(),
         }
     }
 
@@ -196,6 +207,7 @@ impl Blobs {
         let mut incoming = self.streams.incoming(BLOB_PROTOCOL)?;
         let store = self.store.clone();
         let seeding = Arc::new(transfer::Seeding::default());
+        let traffic = self.traffic.clone();
         Ok(tokio::spawn(async move {
             let all = Arc::new(Semaphore::new(MAX_SERVING));
             let mut per_peer: HashMap<PeerId, Arc<Semaphore>> = HashMap::new();
@@ -211,10 +223,17 @@ impl Blobs {
                     tracing::debug!(%peer, "too many blob streams: one dropped");
                     continue;
                 };
-                let (store, seeding) = (store.clone(), seeding.clone());
+                let (store, seeding, traffic) = (store.clone(), seeding.clone(), traffic.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = transfer::serve(store, &seeding, peer, stream).await {
-                        tracing::debug!(%peer, error = %e, "blob stream ended with an error");
+                    match transfer::serve(store, &seeding, peer, stream).await {
+                        Ok(served) => {
+                            if let Ok(mut map) = traffic.lock() {
+                                map.entry(peer).or_default().bytes_out += served.bytes;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "blob stream ended with an error")
+                        }
                     }
                     drop((one, mine));
                 });
@@ -382,6 +401,11 @@ impl Blobs {
         .await;
         if let Ok(report) = &result {
             self.announce(hash, report.size, true);
+            if let Ok(mut map) = self.traffic.lock() {
+                for (peer, bytes) in &report.bytes_from {
+                    map.entry(*peer).or_default().bytes_in += bytes;
+                }
+            }
         }
         if let Ok(mut map) = self.progress.lock() {
             map.remove(&hash);
@@ -394,6 +418,11 @@ impl Blobs {
             transfer::FetchError::Write(w) => ApiError::Conflict(w.to_string()),
             other => internal(other),
         })
+    }
+
+    /// Blob payload bytes exchanged with each peer since the daemon started.
+    pub fn traffic(&self) -> HashMap<PeerId, Traffic> {
+        self.traffic.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// Running fetches: bytes done of each blob.

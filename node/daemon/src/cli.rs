@@ -132,6 +132,13 @@ pub enum Command {
     /// Merge partial renders of one frame (sample slices, multilayer EXRs) exactly as Cycles
     /// does; runs locally, no daemon needed.
     Merge(MergeArgs),
+    /// Open the status page: prints a one-time login link (valid five minutes) and opens it in
+    /// the desktop's browser when there is one.
+    Web {
+        /// Only print the link.
+        #[arg(long)]
+        no_open: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -276,6 +283,9 @@ pub struct UpArgs {
     /// Where the local API listens. Default: 127.0.0.1 and a free port.
     #[arg(long, value_name = "HOST:PORT")]
     pub api: Option<SocketAddr>,
+    /// Also serve the status page on this address, over TLS (for browsers on other machines).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub web: Option<SocketAddr>,
     /// Take no render tasks.
     #[arg(long)]
     pub no_render: bool,
@@ -295,6 +305,10 @@ pub struct UpArgs {
     /// running task and leave the mesh.
     #[arg(long, value_name = "CLOUD")]
     pub preemption: Option<String>,
+    /// What an hour of this machine costs, in US dollars: reported with every task it
+    /// renders, so jobs can say what they cost.
+    #[arg(long, value_name = "DOLLARS")]
+    pub price_per_hour: Option<f64>,
 }
 
 /// `blendnet enroll`'s arguments.
@@ -333,12 +347,14 @@ fn up(data_dir: DataDir, args: UpArgs) -> anyhow::Result<()> {
         listen: args.listen,
         bootstrap: args.bootstrap,
         api: args.api,
+        web: args.web,
         no_render: args.no_render,
         no_mdns: args.no_mdns,
         psk_file: args.psk_file,
         blender: args.blender,
         render_threads: args.render_threads,
         preemption: args.preemption,
+        price_per_hour: args.price_per_hour,
     };
     let config = Config::load(&data_dir, &overrides)?;
     if args.init && crate::node::may_init(&data_dir)? {
@@ -456,6 +472,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let data = enroll(&data_dir, &args.user_data)?;
             up_args.bootstrap.extend(data.bootstrap);
             up_args.preemption = up_args.preemption.or(data.preemption);
+            // The instance's launch price, so the tasks it renders carry their cost.
+            up_args.price_per_hour = up_args
+                .price_per_hour
+                .or(data.price_per_hour_micros.map(|m| m as f64 / 1e6));
             up_args.init = false;
             up(data_dir, up_args)?;
         }
@@ -660,6 +680,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Render(args) => crate::render_cmd::render(&data_dir, args)?,
         Command::Cost(args) => crate::cost_cmd::run(&data_dir, args)?,
+        Command::Web { no_open } => web(&data_dir, no_open)?,
         Command::Fetch { job, out, json } => {
             let request = FetchRequest {
                 out: absolute(&out)?,
@@ -831,6 +852,79 @@ fn print_job(view: &serde_json::Value) {
             println!("  failed on {peer}: {reason}");
         }
     }
+    if let Some(stats) = view.get("stats") {
+        for line in time_lines(stats) {
+            println!("  {line}");
+        }
+    }
+}
+
+/// Where a job's time (and money) went, for people: a line of the phases summed over the
+/// tasks' reports, then one line per worker.
+fn time_lines(stats: &serde_json::Value) -> Vec<String> {
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let secs = |ms: u64| format!("{:.1} s", ms as f64 / 1000.0);
+    let mut lines = Vec::new();
+    if n(stats, "reports") == 0 {
+        return lines;
+    }
+    let phases = stats.get("phases").cloned().unwrap_or_default();
+    let parts: Vec<String> = [
+        ("wait", "wait_ms"),
+        ("fetch", "fetch_ms"),
+        ("Blender start", "blender_start_ms"),
+        ("render", "render_ms"),
+        ("merge", "merge_ms"),
+        ("upload", "upload_ms"),
+    ]
+    .iter()
+    .filter(|(_, key)| n(&phases, key) > 0)
+    .map(|(name, key)| format!("{name} {}", secs(n(&phases, key))))
+    .collect();
+    let wall = match stats.get("wall_ms").and_then(|v| v.as_u64()) {
+        Some(ms) => format!("{} wall", secs(ms)),
+        None => "wall time not seen here".to_owned(),
+    };
+    let mut line = format!(
+        "time: {wall}; tasks {} in all: {}",
+        secs(n(stats, "task_wall_ms")),
+        parts.join(", ")
+    );
+    let (retries, failures) = (n(stats, "retries"), n(stats, "failures"));
+    if retries + failures > 0 {
+        line.push_str(&format!("; {retries} retries, {failures} failures"));
+    }
+    match stats.get("cost").and_then(|v| v.as_f64()) {
+        Some(cost) => line.push_str(&format!("; cost ${cost:.4}")),
+        None => line.push_str("; cost unknown"),
+    }
+    let unpriced = stats
+        .get("unpriced_peers")
+        .and_then(|v| v.as_array())
+        .map_or(0, Vec::len);
+    if unpriced > 0 && stats.get("cost").is_some_and(|c| c.is_number()) {
+        line.push_str(&format!(" (without {unpriced} unpriced peers)"));
+    }
+    lines.push(line);
+    for peer in stats
+        .get("peers")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let id = peer.get("peer").and_then(|v| v.as_str()).unwrap_or("-");
+        let speed = peer
+            .get("samples_per_second")
+            .and_then(|v| v.as_f64())
+            .map_or_else(|| "-".to_owned(), |s| format!("{s:.1}"));
+        lines.push(format!(
+            "peer {id}: {} tasks, {} frame-samples in {} of render ({speed} samples/s)",
+            n(peer, "tasks"),
+            n(peer, "units"),
+            secs(n(peer, "render_ms")),
+        ));
+    }
+    lines
 }
 
 /// `path` made absolute against the current directory (the daemon's differs).
@@ -990,4 +1084,67 @@ mod tests {
             assert!(parse_ttl(bad).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn a_job_says_where_its_time_went() {
+        let stats = serde_json::json!({
+            "wall_ms": 12_300, "task_wall_ms": 10_000, "reports": 3, "retries": 1,
+            "failures": 0, "cost": 0.0125, "unpriced_peers": ["12D3KooWdesk"],
+            "phases": {"wait_ms": 100, "fetch_ms": 300, "blender_start_ms": 1_200,
+                       "render_ms": 8_000, "upload_ms": 100, "merge_ms": 300},
+            "peers": [{"peer": "12D3KooWdesk", "tasks": 2, "units": 64,
+                       "render_ms": 8_000, "samples_per_second": 8.0}],
+        });
+        let lines = time_lines(&stats);
+        assert_eq!(
+            lines[0],
+            "time: 12.3 s wall; tasks 10.0 s in all: wait 0.1 s, fetch 0.3 s, Blender start \
+             1.2 s, render 8.0 s, merge 0.3 s, upload 0.1 s; 1 retries, 0 failures; cost \
+             $0.0125 (without 1 unpriced peers)"
+        );
+        assert_eq!(
+            lines[1],
+            "peer 12D3KooWdesk: 2 tasks, 64 frame-samples in 8.0 s of render (8.0 samples/s)"
+        );
+        assert!(time_lines(&serde_json::json!({"reports": 0})).is_empty());
+    }
+}
+
+/// `blendnet web`: a one-time login link to the status page; the link on this machine comes
+/// last, alone on its line.
+fn web(data_dir: &DataDir, no_open: bool) -> anyhow::Result<()> {
+    let login = Client::connect(data_dir)?.web_login()?;
+    let minutes = login.expires_in_secs / 60;
+    println!("The status page: this link works once, within {minutes} minutes.");
+    if let (Some(url), Some(fingerprint)) = (&login.remote_url, &login.fingerprint) {
+        println!("From another machine (TLS, certificate SHA-256 {fingerprint}):");
+        println!("  {url}");
+        println!("On this machine:");
+    }
+    println!("{}", login.url);
+    if !no_open && desktop_present() {
+        let opener = if cfg!(target_os = "macos") {
+            "open"
+        } else {
+            "xdg-open"
+        };
+        let opened = std::process::Command::new(opener)
+            .arg(&login.url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if let Err(e) = opened {
+            eprintln!("could not open a browser ({opener}: {e}); open the link yourself");
+        }
+    }
+    Ok(())
+}
+
+/// Whether a graphical desktop is there to open a browser on.
+fn desktop_present() -> bool {
+    cfg!(target_os = "macos")
+        || ["DISPLAY", "WAYLAND_DISPLAY"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
 }

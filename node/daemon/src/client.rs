@@ -240,6 +240,11 @@ impl Client {
         self.post_long("/v1/cost", req)
     }
 
+    /// `POST /v1/web/login`.
+    pub fn web_login(&self) -> Result<crate::web::LoginView, ClientError> {
+        self.post("/v1/web/login", &serde_json::json!({}))
+    }
+
     /// `DELETE /v1/jobs/{id}`.
     pub fn cancel(&self, id: &str) -> Result<JobRef, ClientError> {
         let response = self

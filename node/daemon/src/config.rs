@@ -11,12 +11,14 @@
 //! listen = ["/ip4/0.0.0.0/tcp/7741", "/ip4/0.0.0.0/udp/7741/quic-v1"]
 //! bootstrap = []
 //! api = "127.0.0.1:0"
+//! # web = "0.0.0.0:7743"            # also serve the status page here, over TLS
 //! render = true
 //! mdns = true
 //! # psk_file = "swarm.key"          # relative to the data directory
 //! # blender = "/opt/blender/blender"
 //! # render_threads = 4             # Blender's render threads (default: every core)
 //! # preemption = "aws"             # watch this cloud's preemption notices ("aws", "gcp")
+//! # price_per_hour = 0.68          # US dollars an hour of this machine costs, for job costs
 //! log_level = "info"
 //! max_log_files = 7
 //!
@@ -44,17 +46,23 @@ pub const DEFAULT_PORT: u16 = 7741;
 /// not a config file, and reading it whole could exhaust memory (DESIGN §11).
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
+/// Highest `price_per_hour` taken, in US dollars: far above any machine's price, low enough
+/// that a job's cost in millionths of a dollar never overflows.
+pub const MAX_PRICE_PER_HOUR: f64 = 100_000.0;
+
 /// Every key the file may contain, in the order the documentation lists them.
-pub const KEYS: [&str; 13] = [
+pub const KEYS: [&str; 15] = [
     "listen",
     "bootstrap",
     "api",
+    "web",
     "render",
     "mdns",
     "psk_file",
     "blender",
     "render_threads",
     "preemption",
+    "price_per_hour",
     "log_level",
     "max_log_files",
     "store",
@@ -77,6 +85,11 @@ pub struct Config {
     /// HTTP. Port 0 picks a free port; the chosen one is written to `<data dir>/api.addr`.
     /// Default `"127.0.0.1:0"`. Flag: `--api IP:PORT`.
     pub api: SocketAddr,
+    /// `web`: `IP:PORT` where the status page (and the API, with a page session or the token)
+    /// is also served, over TLS with the node's web certificate (`<data dir>/web/`), for
+    /// browsers on other machines. The API address serves the page on this machine anyway.
+    /// Port 0 picks a free port. Default none. Flag: `--web IP:PORT`.
+    pub web: Option<SocketAddr>,
     /// `render`: whether this node renders tasks for the mesh (it can still submit jobs).
     /// Default `true`. Flag: `--no-render` sets it to `false`.
     pub render: bool,
@@ -98,6 +111,12 @@ pub struct Config {
     /// on notice it hands back its running task and leaves. Set by `blendnet enroll` from the
     /// user data of a spot instance. Default none. Flag: `--preemption CLOUD`.
     pub preemption: Option<String>,
+    /// `price_per_hour`: what an hour of this machine costs, in US dollars. The node puts it
+    /// in the statistics of every task it renders, so a job's cost can be summed from them,
+    /// and advertises it with its capabilities. Set by `blendnet enroll` from a cloud
+    /// instance's launch price. Default none (unknown: a job's cost leaves this node out and
+    /// names it). Flag: `--price-per-hour DOLLARS`.
+    pub price_per_hour: Option<f64>,
     /// `log_level`: a tracing `EnvFilter` directive such as `"info"` or
     /// `"info,blendnet_net=debug"`. The `RUST_LOG` environment variable, when set, wins.
     /// Default `"info"`.
@@ -128,12 +147,14 @@ impl Default for Config {
             ],
             bootstrap: Vec::new(),
             api: SocketAddr::from(([127, 0, 0, 1], 0)),
+            web: None,
             render: true,
             mdns: true,
             psk_file: None,
             blender: None,
             render_threads: None,
             preemption: None,
+            price_per_hour: None,
             log_level: "info".to_owned(),
             max_log_files: 7,
             store_quota: None,
@@ -305,7 +326,7 @@ fn yes() -> bool {
 
 /// Command-line values that override the file. `None`, `false` and empty lists mean "flag not
 /// given". The binary's clap struct fills this.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Overrides {
     /// `--listen ADDR`, repeatable; non-empty replaces `listen`.
     pub listen: Vec<String>,
@@ -313,6 +334,8 @@ pub struct Overrides {
     pub bootstrap: Vec<String>,
     /// `--api IP:PORT`.
     pub api: Option<SocketAddr>,
+    /// `--web IP:PORT`.
+    pub web: Option<SocketAddr>,
     /// `--no-render`.
     pub no_render: bool,
     /// `--no-mdns`.
@@ -325,6 +348,8 @@ pub struct Overrides {
     pub render_threads: Option<u32>,
     /// `--preemption CLOUD`.
     pub preemption: Option<String>,
+    /// `--price-per-hour DOLLARS`.
+    pub price_per_hour: Option<f64>,
 }
 
 /// Where a configuration value came from, for error messages.
@@ -433,6 +458,14 @@ impl Config {
                         ))
                     })?;
                 }
+                "web" => {
+                    let text: String = field.parse(value)?;
+                    config.web = Some(text.parse().map_err(|e| {
+                        field.invalid(format!(
+                            "{text:?} is not an IP:PORT socket address such as \"0.0.0.0:7743\" ({e})"
+                        ))
+                    })?);
+                }
                 "render" => config.render = field.parse(value)?,
                 "mdns" => config.mdns = field.parse(value)?,
                 "psk_file" => {
@@ -442,6 +475,14 @@ impl Config {
                 "blender" => config.blender = Some(field.parse(value)?),
                 "render_threads" => config.render_threads = Some(field.parse(value)?),
                 "preemption" => config.preemption = Some(field.parse(value)?),
+                "price_per_hour" => {
+                    // TOML writes a whole number of dollars as an integer.
+                    let price = match value {
+                        toml::Value::Integer(n) => n as f64,
+                        other => field.parse(other)?,
+                    };
+                    config.price_per_hour = Some(price);
+                }
                 "log_level" => config.log_level = field.parse(value)?,
                 "max_log_files" => config.max_log_files = field.parse(value)?,
                 "store" => {
@@ -528,6 +569,10 @@ impl Config {
             self.api = api;
             self.from_flags.insert("api");
         }
+        if let Some(web) = overrides.web {
+            self.web = Some(web);
+            self.from_flags.insert("web");
+        }
         if overrides.no_render {
             self.render = false;
             self.from_flags.insert("render");
@@ -553,6 +598,16 @@ impl Config {
             self.render_threads = Some(threads);
             self.from_flags.insert("render_threads");
         }
+        if let Some(price) = overrides.price_per_hour {
+            self.price_per_hour = Some(price);
+            self.from_flags.insert("price_per_hour");
+        }
+    }
+
+    /// `price_per_hour` in millionths of a US dollar, as peers exchange it (checked by
+    /// [`Config::validate`]).
+    pub fn price_per_hour_micros(&self) -> Option<u64> {
+        self.price_per_hour.map(|p| (p * 1e6).round() as u64)
     }
 
     /// The configuration file these values were read from (or would be, if it is missing).
@@ -608,6 +663,14 @@ impl Config {
         {
             return Err(self.invalid("preemption", e));
         }
+        if let Some(price) = self.price_per_hour
+            && !(price.is_finite() && (0.0..=MAX_PRICE_PER_HOUR).contains(&price))
+        {
+            return Err(self.invalid(
+                "price_per_hour",
+                format!("{price} is not an amount of US dollars from 0 to {MAX_PRICE_PER_HOUR}"),
+            ));
+        }
         if self.render_threads == Some(0) {
             return Err(self.invalid(
                 "render_threads",
@@ -647,12 +710,14 @@ fn flag_name(key: &str) -> &'static str {
         "listen" => "--listen",
         "bootstrap" => "--bootstrap",
         "api" => "--api",
+        "web" => "--web",
         "render" => "--no-render",
         "mdns" => "--no-mdns",
         "psk_file" => "--psk-file",
         "blender" => "--blender",
         "render_threads" => "--render-threads",
         "preemption" => "--preemption",
+        "price_per_hour" => "--price-per-hour",
         _ => "the command line",
     }
 }
@@ -983,14 +1048,17 @@ mod tests {
             listen: vec!["/ip4/127.0.0.1/tcp/9100".to_owned()],
             bootstrap: vec![],
             api: Some("127.0.0.1:9999".parse().unwrap()),
+            web: Some("0.0.0.0:7743".parse().unwrap()),
             no_render: true,
             no_mdns: true,
             psk_file: None,
             blender: Some("/from/flag".into()),
             render_threads: None,
             preemption: Some("gcp".into()),
+            price_per_hour: None,
         };
         let config = Config::load(&dir, &overrides).unwrap();
+        assert_eq!(config.web, Some("0.0.0.0:7743".parse().unwrap()));
         assert_eq!(config.render_threads, Some(3));
         assert_eq!(config.preemption.as_deref(), Some("gcp"));
         // Replaced, not appended to.
@@ -1036,6 +1104,35 @@ mod tests {
                 && msg.contains("\"azure\""),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn price_per_hour_is_read_in_dollars_and_exchanged_in_micro_dollars() {
+        let (_tmp, dir) = dir_with(Some("price_per_hour = 0.6834\n"));
+        let config = Config::load(&dir, &Overrides::default()).unwrap();
+        assert_eq!(config.price_per_hour_micros(), Some(683_400));
+        let (_tmp, dir) = dir_with(Some("price_per_hour = 2\n"));
+        let config = Config::load(&dir, &Overrides::default()).unwrap();
+        assert_eq!(config.price_per_hour_micros(), Some(2_000_000));
+        let overrides = Overrides {
+            price_per_hour: Some(0.25),
+            ..Overrides::default()
+        };
+        let config = Config::load(&dir, &overrides).unwrap();
+        assert_eq!(config.price_per_hour_micros(), Some(250_000));
+        let (_tmp, dir) = dir_with(None);
+        let config = Config::load(&dir, &Overrides::default()).unwrap();
+        assert_eq!(config.price_per_hour_micros(), None, "unknown unless set");
+        let (_, msg, _dir, _tmp) = load_err("price_per_hour = -1.0\n");
+        assert!(msg.contains("`price_per_hour`"), "{msg}");
+        let (_, msg, _dir, _tmp) = load_err("price_per_hour = \"cheap\"\n");
+        assert!(msg.contains("`price_per_hour`"), "{msg}");
+        let overrides = Overrides {
+            price_per_hour: Some(f64::NAN),
+            ..Overrides::default()
+        };
+        let msg = Config::load(&dir, &overrides).unwrap_err().to_string();
+        assert!(msg.contains("from --price-per-hour"), "{msg}");
     }
 
     #[test]

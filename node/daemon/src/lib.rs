@@ -28,3 +28,4 @@ pub mod provision;
 pub mod render;
 pub mod render_cmd;
 pub mod state;
+pub mod web;

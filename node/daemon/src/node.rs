@@ -206,7 +206,11 @@ fn parse_addrs(key: &str, values: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
         .collect()
 }
 
-fn wire_capabilities(caps: &Capabilities, render: bool) -> blendnet_proto::wire::Capabilities {
+fn wire_capabilities(
+    caps: &Capabilities,
+    render: bool,
+    price_per_hour_micros: Option<u64>,
+) -> blendnet_proto::wire::Capabilities {
     blendnet_proto::wire::Capabilities {
         daemon_version: caps.daemon_version.clone(),
         cores: u32::try_from(caps.cores).unwrap_or(u32::MAX),
@@ -221,6 +225,7 @@ fn wire_capabilities(caps: &Capabilities, render: bool) -> blendnet_proto::wire:
             .unwrap_or_default(),
         denoiser: caps.blender.as_ref().is_some_and(|b| b.devices.denoiser),
         render,
+        price_per_hour_micros,
     }
 }
 
@@ -417,6 +422,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         let dir = data_dir.path().to_path_buf();
         let blender = config.blender.clone();
         let render_enabled = config.render;
+        let price = config.price_per_hour_micros();
         tokio::spawn(async move {
             let detected =
                 tokio::task::spawn_blocking(move || Capabilities::detect(&dir, blender.as_deref()))
@@ -437,9 +443,10 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
                     }) as u32,
                     blender: caps.blender.as_ref().map(|b| b.version.clone()),
                     denoiser: caps.blender.as_ref().is_some_and(|b| b.devices.denoiser),
+                    price_per_hour_micros: price,
                 }));
                 let _ = net
-                    .set_capabilities(wire_capabilities(&caps, render_enabled))
+                    .set_capabilities(wire_capabilities(&caps, render_enabled, price))
                     .await;
             }
         });
@@ -475,6 +482,8 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         }
         other => other.transpose()?,
     };
+    let (cloud_tx, cloud_view) = watch::channel(None);
+    let provisioning = provider.is_some();
     if let (Some(cloud), Some(provider)) = (&config.cloud, provider) {
         let provisioner = Provisioner::new(
             provider,
@@ -482,6 +491,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
             net.clone(),
             board.clone(),
             invites_rx,
+            cloud_tx,
         );
         tokio::spawn(provisioner.run(stop_rx.clone()));
     }
@@ -491,6 +501,7 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding the API to {}", config.api))?;
     let api_addr = listener.local_addr()?;
     let token = api::new_token();
+    let auth = std::sync::Arc::new(crate::web::Auth::new(token.clone()));
     let backend = NodeBackend {
         net: net.clone(),
         blobs,
@@ -502,13 +513,31 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
             threads: config.render_threads,
             cloud: config.cloud.clone(),
         },
+        cloud: provisioning.then_some(cloud_view),
     };
-    let api_task = tokio::spawn(api::serve(
-        listener,
-        token.clone(),
-        backend,
-        stopped(stop_rx.clone()),
-    ));
+    let router = api::router(auth.clone(), backend);
+    // The status page for other machines: the same routes over TLS.
+    let web = match config.web {
+        Some(addr) => {
+            let cert = crate::web::WebCert::load_or_create(&data_dir.path().join("web"), addr)?;
+            let fingerprint = cert.fingerprint.clone();
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the status page to {addr}"))?;
+            let bound = tcp.local_addr()?;
+            let listener = crate::web::TlsListener::new(tcp, cert)?;
+            let router = router.clone().layer(axum::Extension(crate::web::OverTls));
+            tokio::spawn(api::serve(listener, router, stopped(stop_rx.clone())));
+            tracing::info!(web = %bound, %fingerprint, "status page served over TLS");
+            Some((bound, fingerprint))
+        }
+        None => None,
+    };
+    auth.set_places(crate::web::Places {
+        local: api_addr,
+        remote: web,
+    });
+    let api_task = tokio::spawn(api::serve(listener, router, stopped(stop_rx.clone())));
     api::publish(&data_dir, api_addr, &token).context("publishing the API address")?;
     tracing::info!(api = %api_addr, "local API ready");
 
@@ -628,6 +657,8 @@ struct NodeBackend {
     work_dir: PathBuf,
     /// What `POST /v1/cost` needs.
     cost: crate::cost_cmd::Daemon,
+    /// What the provisioner runs, when this node has one.
+    cloud: Option<watch::Receiver<Option<crate::provision::CloudView>>>,
 }
 
 /// Most task logs returned at once, and most bytes of each: a log is a few lines and Blender's
@@ -735,12 +766,47 @@ impl Backend for NodeBackend {
     }
 
     async fn peers(&self, pending: bool) -> Result<serde_json::Value, ApiError> {
-        let value = if pending {
-            serde_json::to_value(self.net.pending().await.map_err(stopped_error)?)
-        } else {
-            serde_json::to_value(self.net.peers().await.map_err(stopped_error)?)
+        if pending {
+            return serde_json::to_value(self.net.pending().await.map_err(stopped_error)?)
+                .map_err(|e| ApiError::Internal(e.to_string()));
+        }
+        let peers = self.net.peers().await.map_err(stopped_error)?;
+        let traffic = self.blobs.traffic();
+        let mut value =
+            serde_json::to_value(&peers).map_err(|e| ApiError::Internal(e.to_string()))?;
+        // Each peer's blob traffic with this node, next to what the network knows of it.
+        if let Some(list) = value.as_array_mut() {
+            for (entry, peer) in list.iter_mut().zip(&peers) {
+                let t = peer
+                    .peer_id
+                    .parse::<blendnet_net::PeerId>()
+                    .ok()
+                    .and_then(|id| traffic.get(&id).copied())
+                    .unwrap_or_default();
+                if let Some(map) = entry.as_object_mut() {
+                    map.insert("bytes_in".into(), t.bytes_in.into());
+                    map.insert("bytes_out".into(), t.bytes_out.into());
+                }
+            }
+        }
+        Ok(value)
+    }
+
+    async fn cloud(&self) -> Result<serde_json::Value, ApiError> {
+        let Some(view) = &self.cloud else {
+            return Err(ApiError::NotFound(
+                "this node runs no provisioner: cloud instances show on the node whose config \
+                 has a [cloud] table"
+                    .into(),
+            ));
         };
-        value.map_err(|e| ApiError::Internal(e.to_string()))
+        let listed = view.borrow().clone();
+        match listed {
+            Some(view) => serde_json::to_value(view).map_err(|e| ApiError::Internal(e.to_string())),
+            None => Err(ApiError::Unavailable(
+                "the provisioner has not listed its instances yet".into(),
+            )),
+        }
     }
 
     async fn invite(&self, req: InviteRequest) -> Result<InviteView, ApiError> {

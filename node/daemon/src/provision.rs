@@ -76,6 +76,9 @@ pub fn user_data(
             .is_ok()
             .then(|| provider.to_owned()),
         identity: identity_cloud(cloud, provider).map(|c| c.to_string()),
+        // Each launch sets the price of the type and zone it tries
+        // (`blendnet_cloud::launch_specs`): the instance's `price_per_hour` once enrolled.
+        price_per_hour_micros: None,
     })
 }
 
@@ -154,6 +157,34 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// What the provisioner runs now, for `GET /v1/cloud` and the status page.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CloudView {
+    pub provider: String,
+    pub instances: Vec<InstanceView>,
+    /// US dollars the listed instances cost since they were launched.
+    pub cost_so_far: f64,
+    /// Unix seconds of the listing.
+    pub listed_at: u64,
+}
+
+/// One live instance of the provisioner.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct InstanceView {
+    pub id: String,
+    pub instance_type: String,
+    pub zone: String,
+    pub state: blendnet_cloud::InstanceState,
+    pub launched_at: u64,
+    /// US dollars an hour (the type's cheapest price the provider lists).
+    pub per_hour: f64,
+    pub cost_so_far: f64,
+    /// The peer that enrolled with the instance's invite, once one did.
+    pub peer: Option<String>,
+    pub joined_at: Option<u64>,
+    pub idle_since: Option<u64>,
+}
+
 /// The provisioning loop's state: what it saw of each instance's peer, kept between ticks.
 #[derive(Debug)]
 pub struct Provisioner {
@@ -172,6 +203,8 @@ pub struct Provisioner {
     /// Instance type → its price per hour (the cheapest zone), asked once.
     prices: HashMap<String, f64>,
     types: Option<Vec<InstanceType>>,
+    /// What it runs, as of the last tick.
+    view: watch::Sender<Option<CloudView>>,
 }
 
 impl Provisioner {
@@ -181,6 +214,7 @@ impl Provisioner {
         net: Net,
         board: Board,
         invites: watch::Receiver<Invites>,
+        view: watch::Sender<Option<CloudView>>,
     ) -> Provisioner {
         Provisioner {
             limits: cloud.limits(),
@@ -194,6 +228,7 @@ impl Provisioner {
             certified_at: HashMap::new(),
             prices: HashMap::new(),
             types: None,
+            view,
         }
     }
 
@@ -249,6 +284,7 @@ impl Provisioner {
         self.certified_at
             .retain(|id, _| alive.contains(&id.as_str()));
         let mut managed = Vec::with_capacity(instances.len());
+        let mut shown = Vec::with_capacity(instances.len());
         let mut peer_of = HashMap::new();
         for instance in &instances {
             let peer = instance
@@ -275,6 +311,19 @@ impl Provisioner {
             } else {
                 self.idle_since.remove(&instance.id);
             }
+            let per_hour = self.price(&instance.instance_type).await;
+            shown.push(InstanceView {
+                id: instance.id.clone(),
+                instance_type: instance.instance_type.clone(),
+                zone: instance.zone.clone(),
+                state: instance.state,
+                launched_at: instance.launched_at,
+                per_hour,
+                cost_so_far: per_hour * now.saturating_sub(instance.launched_at) as f64 / 3600.0,
+                peer: peer.clone(),
+                joined_at: joined,
+                idle_since: self.idle_since.get(&instance.id).copied(),
+            });
             if let Some(p) = peer {
                 peer_of.insert(instance.id.clone(), p);
             }
@@ -283,9 +332,15 @@ impl Provisioner {
                 launched_at: instance.launched_at,
                 joined_at: joined,
                 idle_since: self.idle_since.get(&instance.id).copied(),
-                per_hour: self.price(&instance.instance_type).await,
+                per_hour,
             });
         }
+        self.view.send_replace(Some(CloudView {
+            provider: self.provider.name().to_owned(),
+            cost_so_far: shown.iter().map(|i| i.cost_so_far).sum(),
+            instances: shown,
+            listed_at: now,
+        }));
 
         let types = self.types().await?;
         let offered = match &self.cloud.instance_type {
