@@ -209,7 +209,9 @@ fn pending_work_starts_instances_that_render_it_and_are_terminated_when_idle() {
     e2e(|| {
         let _alone = rendering_alone();
         // The mesh has no render peer until the provisioner starts one.
-        let a = provisioner("max_instances = 2\nidle_grace = \"12s\"\ncert_lifetime = \"8s\"")?;
+        let a = provisioner(
+            "max_instances = 2\nidle_grace = \"12s\"\ncert_lifetime = \"8s\"\nlocal_price_per_hour = 36.0",
+        )?;
         let instances = |a: &Node| -> anyhow::Result<Vec<serde_json::Value>> {
             let listed: serde_json::Value =
                 serde_json::from_str(&a.cli_ok(&["cloud", "ls", "--json"])?)?;
@@ -232,6 +234,33 @@ fn pending_work_starts_instances_that_render_it_and_are_terminated_when_idle() {
             (1..=2).contains(&started.len()),
             "expected 1 or 2 instances (max_instances = 2): {started:?}"
         );
+        // The status page's cloud view: the same instances, each with its cost so far at the
+        // local provider's price (36 $/h: a cent a second).
+        let token = a.api_token()?;
+        let cloud: serde_json::Value =
+            serde_json::from_str(&a.api_get("/v1/cloud", Some(&token))?.body)?;
+        let mut shown: Vec<&str> = cloud["instances"]
+            .as_array()
+            .context("instances")?
+            .iter()
+            .filter_map(|i| i["id"].as_str())
+            .collect();
+        let mut listed: Vec<&str> = started.iter().filter_map(|i| i["id"].as_str()).collect();
+        shown.sort();
+        listed.sort();
+        ensure!(
+            cloud["provider"] == "local" && shown == listed,
+            "GET /v1/cloud disagrees with cloud ls ({listed:?}): {cloud}"
+        );
+        let listed_at = cloud["listed_at"].as_f64().context("listed_at")?;
+        for i in cloud["instances"].as_array().into_iter().flatten() {
+            let age = listed_at - i["launched_at"].as_f64().context("launched_at")?;
+            let cost = i["cost_so_far"].as_f64().context("cost_so_far")?;
+            ensure!(
+                i["per_hour"] == 36.0 && age >= 0.0 && (cost - age / 100.0).abs() < 1e-6,
+                "an instance {age} s old at 36 $/h shows {cost} $: {i}"
+            );
+        }
         let view = a.cli_json(&["status", &job, "--json"])?;
         let me = a.peer_id()?;
         let renderers: std::collections::BTreeSet<String> = view["tasks"]

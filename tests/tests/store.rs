@@ -174,6 +174,28 @@ fn a_directory_travels_whole_with_its_layout() {
             fs::read(out.join("shot.blend"))? == files[0].1,
             "C's copy differs"
         );
+        // Each side counts the blob bytes it exchanged with the other (the status page's
+        // bytes in and out): C took from A exactly what its fetch reports; A served at least
+        // that (the verified encoding carries hashes too).
+        let c_id = c.peer_id()?;
+        let took = received_from(&view, &a_id);
+        let traffic = |node: &Node, peer: &str, field: &str| -> Result<u64> {
+            let peers = node.peers()?;
+            let entry = blendnet_tests::find_peer(&peers, peer)
+                .with_context(|| format!("{peer} not listed: {peers}"))?;
+            entry[field]
+                .as_u64()
+                .with_context(|| format!("no {field}: {entry}"))
+        };
+        ensure!(
+            traffic(c, &a_id, "bytes_in")? == took,
+            "C's bytes in from A differ from its fetch ({took})"
+        );
+        let served = traffic(a, &c_id, "bytes_out")?;
+        ensure!(
+            served >= took && served < took + took / 10,
+            "A's bytes out to C are {served}, C took {took}"
+        );
         Ok(())
     });
 }

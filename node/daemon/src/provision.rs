@@ -185,6 +185,24 @@ pub struct InstanceView {
     pub idle_since: Option<u64>,
 }
 
+impl InstanceView {
+    /// `instance` at `per_hour`, as of `now`, not yet joined.
+    fn new(instance: &Instance, per_hour: f64, now: u64) -> InstanceView {
+        InstanceView {
+            id: instance.id.clone(),
+            instance_type: instance.instance_type.clone(),
+            zone: instance.zone.clone(),
+            state: instance.state,
+            launched_at: instance.launched_at,
+            per_hour,
+            cost_so_far: per_hour * now.saturating_sub(instance.launched_at) as f64 / 3600.0,
+            peer: None,
+            joined_at: None,
+            idle_since: None,
+        }
+    }
+}
+
 /// The provisioning loop's state: what it saw of each instance's peer, kept between ticks.
 #[derive(Debug)]
 pub struct Provisioner {
@@ -313,16 +331,10 @@ impl Provisioner {
             }
             let per_hour = self.price(&instance.instance_type).await;
             shown.push(InstanceView {
-                id: instance.id.clone(),
-                instance_type: instance.instance_type.clone(),
-                zone: instance.zone.clone(),
-                state: instance.state,
-                launched_at: instance.launched_at,
-                per_hour,
-                cost_so_far: per_hour * now.saturating_sub(instance.launched_at) as f64 / 3600.0,
                 peer: peer.clone(),
                 joined_at: joined,
                 idle_since: self.idle_since.get(&instance.id).copied(),
+                ..InstanceView::new(instance, per_hour, now)
             });
             if let Some(p) = peer {
                 peer_of.insert(instance.id.clone(), p);
@@ -371,6 +383,7 @@ impl Provisioner {
                 tracing::info!(instance = %id, peer = ?peer_of.get(id), "terminating: {why}");
             }
             self.provider.terminate(&ids).await?;
+            self.show(|view| view.instances.retain(|i| !ids.contains(&i.id)));
             for id in &ids {
                 if let Some(peer) = peer_of.get(id).and_then(|p| p.parse().ok())
                     && let Ok(Err(e)) = self.net.revoke(peer).await
@@ -382,6 +395,11 @@ impl Provisioner {
         self.renew(now, &peer_of, &plan.terminate).await;
         for _ in 0..plan.launch {
             let instance = self.launch(&status).await?;
+            let per_hour = self.price(&instance.instance_type).await;
+            self.show(|view| {
+                view.instances
+                    .push(InstanceView::new(&instance, per_hour, now))
+            });
             tracing::info!(
                 instance = %instance.id,
                 instance_type = %instance.instance_type,
@@ -392,6 +410,16 @@ impl Provisioner {
             );
         }
         Ok(())
+    }
+
+    /// Changes the shown instances after a launch or a termination.
+    fn show(&self, change: impl FnOnce(&mut CloudView)) {
+        self.view.send_modify(|view| {
+            if let Some(view) = view {
+                change(view);
+                view.cost_so_far = view.instances.iter().map(|i| i.cost_so_far).sum();
+            }
+        });
     }
 
     /// Renews the certificates of the joined instances (but those being terminated) that
