@@ -178,7 +178,15 @@ pub async fn launch_specs(
             .map(|t| t.name)
             .collect(),
     };
-    let encoded = user_data.encode();
+    // Each launch tells its instance the price of its own type and zone (see
+    // `UserData::price_per_hour_micros`), so user data is encoded per launch.
+    let encoded = |per_hour: Option<f64>| {
+        let mut data = user_data.clone();
+        if let Some(p) = per_hour.filter(|p| p.is_finite() && *p >= 0.0) {
+            data.price_per_hour_micros = Some((p * 1e6).round() as u64);
+        }
+        data.encode()
+    };
     let tags: BTreeMap<String, String> = [
         (TAG_MESH.to_owned(), user_data.mesh.clone()),
         (TAG_PROVISIONER.to_owned(), user_data.provisioner.clone()),
@@ -187,17 +195,21 @@ pub async fn launch_specs(
     .into();
     let mut specs = Vec::new();
     for instance_type in names {
-        let zones: Vec<Option<String>> = match provider.prices(&instance_type, spot).await {
-            Ok(mut prices) if !prices.is_empty() => {
-                prices.sort_by(|a, b| a.per_hour.total_cmp(&b.per_hour));
-                prices.into_iter().map(|p| Some(p.zone)).collect()
-            }
-            _ => vec![None],
-        };
-        specs.extend(zones.into_iter().map(|zone| LaunchSpec {
+        let zones: Vec<(Option<String>, Option<f64>)> =
+            match provider.prices(&instance_type, spot).await {
+                Ok(mut prices) if !prices.is_empty() => {
+                    prices.sort_by(|a, b| a.per_hour.total_cmp(&b.per_hour));
+                    prices
+                        .into_iter()
+                        .map(|p| (Some(p.zone), Some(p.per_hour)))
+                        .collect()
+                }
+                _ => vec![(None, None)],
+            };
+        specs.extend(zones.into_iter().map(|(zone, per_hour)| LaunchSpec {
             instance_type: instance_type.clone(),
             zone,
-            user_data: encoded.clone(),
+            user_data: encoded(per_hour),
             tags: tags.clone(),
             spot,
         }));

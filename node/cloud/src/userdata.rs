@@ -34,6 +34,13 @@ pub struct UserData {
     /// when the provisioner's invite demands it (DESIGN §9).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// What an hour of the instance costs, in millionths of a US dollar: the price the
+    /// provider quoted for the instance type and zone it was launched in (a spot price moves
+    /// after launch; this is the one at launch). `blendnet enroll` makes it the instance's
+    /// `price_per_hour`, so the tasks it renders carry their cost. Absent when the provider
+    /// named no price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_per_hour_micros: Option<u64>,
 }
 
 /// Why user data was refused.
@@ -108,6 +115,26 @@ mod tests {
             expires_at: 1_000,
             preemption: Some("aws".into()),
             identity: Some("aws".into()),
+            price_per_hour_micros: Some(41_600),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_launch_tells_its_instance_the_price_it_was_launched_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider =
+            crate::local::LocalProvider::new(dir.path(), vec!["true".into()]).with_price(0.0416);
+        let unpriced = UserData {
+            price_per_hour_micros: None,
+            ..sample()
+        };
+        let specs = crate::launch_specs(&provider, None, true, &unpriced, "tag")
+            .await
+            .unwrap();
+        assert!(!specs.is_empty());
+        for spec in specs {
+            let data = UserData::parse(&spec.user_data, 999).unwrap();
+            assert_eq!(data.price_per_hour_micros, Some(41_600), "{data:?}");
         }
     }
 
@@ -119,10 +146,12 @@ mod tests {
         let local = UserData {
             preemption: None,
             identity: None,
+            price_per_hour_micros: None,
             ..sample()
         };
         assert!(!local.encode().contains("preemption"));
         assert!(!local.encode().contains("identity"));
+        assert!(!local.encode().contains("price"));
         assert_eq!(UserData::parse(&local.encode(), 999), Ok(local));
         assert_eq!(
             UserData::parse(&text, 1_001),

@@ -767,6 +767,7 @@ async fn a_launch_falls_through_the_zones_of_a_type_cheapest_first() {
         expires_at: u64::MAX,
         preemption: Some("aws".into()),
         identity: None,
+        price_per_hour_micros: None,
     };
     let specs = launch_specs(
         &provider,

@@ -51,6 +51,7 @@ mod sim;
 mod tests;
 
 use crate::job::{Job, JobStatus, Refused, TaskState};
+use crate::stats::{JobClock, JobStats, ReportView};
 use blendnet_proto::job::{EventBody, Offer, RevokeReason, SignError, bounded_reason};
 use blendnet_proto::{
     BlobHash, EventId, JobId, JobSpec, Lease, PeerId, Role, Roles, SignedEvent, TaskSpec,
@@ -160,7 +161,8 @@ pub enum Input {
         request: WorkRequest,
         response: Option<WorkResponse>,
     },
-    /// The render side finished a started task; the result blob is stored here.
+    /// The render side finished a started task; the result blob is stored here. The board
+    /// adds its offer's price to `stats` when they state none.
     TaskFinished {
         job: JobId,
         task: TaskSpec,
@@ -336,6 +338,10 @@ pub struct TaskView {
     pub results: Vec<(PeerId, BlobHash)>,
     /// Failures reported: (worker, reason).
     pub failures: Vec<(PeerId, String)>,
+    /// Results reported, each with its worker's measurements.
+    pub reports: Vec<ReportView>,
+    /// Grants beyond the first (a lapsed lease granted again, a backup).
+    pub retries: u64,
 }
 
 /// Everything about one job, for the API.
@@ -350,6 +356,8 @@ pub struct JobView {
     pub outputs: Vec<BlobHash>,
     /// Whether this board coordinates the job now.
     pub coordinating: bool,
+    /// Where the job's time and money went.
+    pub stats: JobStats,
 }
 
 /// A job's anti-entropy digest: peers holding the same events have equal digests.
@@ -688,8 +696,13 @@ impl Board {
         list.into_iter().map(summary).collect()
     }
 
-    /// One job in full.
+    /// One job in full, without a wall time (see [`Board::job_with_clock`]).
     pub fn job(&self, id: &JobId) -> Option<JobView> {
+        self.job_with_clock(id, JobClock::default())
+    }
+
+    /// One job in full, with this node's `clock` of it (kept by the shell) for its wall time.
+    pub fn job_with_clock(&self, id: &JobId, clock: JobClock) -> Option<JobView> {
         let entry = self.jobs.get(id)?;
         let job = &entry.job;
         Some(JobView {
@@ -716,10 +729,21 @@ impl Board {
                         .failures()
                         .map(|(p, _, reason)| (p, reason.to_string()))
                         .collect(),
+                    reports: r
+                        .reports()
+                        .map(|r| ReportView {
+                            worker: r.lease.worker,
+                            result: r.result,
+                            backup: r.lease.backup,
+                            stats: r.stats,
+                        })
+                        .collect(),
+                    retries: (r.grants().count() as u64).saturating_sub(1),
                 })
                 .collect(),
             outputs: job.outputs().map(|(_, hash)| hash).collect(),
             coordinating: entry.coord.is_some(),
+            stats: JobStats::of(job, clock),
         })
     }
 
@@ -1172,10 +1196,15 @@ impl Board {
         now: u64,
         (job, task, lease): (JobId, TaskSpec, Lease),
         result: BlobHash,
-        stats: TaskStats,
+        mut stats: TaskStats,
         out: &mut Vec<Action>,
     ) {
         self.worker.finished(job, task, lease);
+        // The report states what this worker's time costs, so a job's cost is a sum over its
+        // events wherever they are read.
+        if stats.price_per_hour_micros.is_none() {
+            stats.price_per_hour_micros = self.offer.price_per_hour_micros;
+        }
         let wanted = self.jobs.get(&job).is_some_and(|e| {
             e.job.status().is_active() && e.job.task(&task).is_some_and(|r| !r.state.is_done())
         });

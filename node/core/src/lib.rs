@@ -11,6 +11,7 @@
 //!   events.
 //! - [`sizing`]: how large a sample slice is, and when a straggler deserves a backup.
 //! - [`board`]: one peer's job board, coordinator and worker, fed inputs, returning actions.
+//! - [`stats`]: where a job's time and money went, summed from its workers' reports.
 
 pub mod board;
 pub mod invites;
@@ -18,6 +19,7 @@ pub mod job;
 pub mod picker;
 pub mod roster;
 pub mod sizing;
+pub mod stats;
 
 pub use board::{
     Action, Board, BoardConfig, BoardError, CancelError, Counters, DropReason, Input, JobDigest,
@@ -26,3 +28,4 @@ pub use board::{
 pub use invites::{Invite, Invites, token_tag};
 pub use job::{Job, JobStatus, TaskState};
 pub use roster::{Roster, RosterError, Unauthorized};
+pub use stats::{JobClock, JobStats};

@@ -17,6 +17,13 @@
 //! Anti-entropy: every [`SYNC_EVERY`] the actor compares job digests with one random live
 //! member and pulls the events of jobs that differ.
 //!
+//! The actor also keeps each job's clock ([`JobClock`]: when this node saw the job begin and
+//! end, on its own clock) in redb `job_clocks`, for the job's wall time in its statistics.
+//! An end is recorded only when it was seen as it happened: a job submitted here or gossiped
+//! live, an outcome reached by a local or gossiped event; what anti-entropy brings in late
+//! (after a partition, a restart, or to a node that joined after the job began) leaves that end
+//! unknown rather than wrong.
+//!
 //! The actor also delivers: after every change to a job submitted here with an output folder,
 //! its finished outputs go to [`Deliveries`] (see `deliver.rs`), which copies them there.
 
@@ -25,6 +32,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blendnet_core::JobClock;
 use blendnet_core::board::{
     self as core_board, Action, BoardConfig, Input, JobSummary, JobView, Member,
 };
@@ -35,7 +43,7 @@ use blendnet_proto::board::{
     MAX_EVENTS_PER_PAGE,
 };
 use blendnet_proto::frame::{read_frame, write_frame};
-use blendnet_proto::job::{MAX_WORK_BYTES, Offer};
+use blendnet_proto::job::{EventBody, MAX_WORK_BYTES, Offer};
 use blendnet_proto::{
     BlobHash, JobId, JobSpec, Roles, SignedEvent, Topic, WORK_PROTOCOL, WorkRequest, WorkResponse,
 };
@@ -52,6 +60,10 @@ use crate::render::{Render, RenderMessage, RenderReport};
 /// Every event the board accepted, by event id: the board is rebuilt from them at start-up.
 const EVENTS_TABLE: TableDefinition<'static, &'static [u8], &'static [u8]> =
     TableDefinition::new("board_events");
+
+/// Each job's clock as this node saw it, by job id: a [`JobClock`] in JSON.
+const CLOCKS_TABLE: TableDefinition<'static, &'static [u8], &'static [u8]> =
+    TableDefinition::new("job_clocks");
 
 /// Messages waiting for the actor: gossip bursts (a coordinator granting to many workers at
 /// once) and work requests; senders wait when it is full.
@@ -246,6 +258,8 @@ impl Board {
             publish: publish_tx,
             changes,
             started: Instant::now(),
+            clocks: HashMap::new(),
+            syncing: false,
             replies: HashMap::new(),
             next_reply: 1,
             live: Vec::new(),
@@ -362,6 +376,10 @@ struct BoardActor {
     publish: mpsc::Sender<(Topic, Vec<u8>)>,
     changes: broadcast::Sender<JobChange>,
     started: Instant,
+    /// Each job's clock (see the module documentation), as saved in [`CLOCKS_TABLE`].
+    clocks: HashMap<JobId, JobClock>,
+    /// Whether the events being taken came by anti-entropy (late), not live.
+    syncing: bool,
     /// Work requests waiting for the core's answer, by the id given to the core.
     replies: HashMap<u64, oneshot::Sender<WorkResponse>>,
     next_reply: u64,
@@ -433,6 +451,10 @@ impl BoardActor {
             }
         };
         let count = events.len();
+        match load_clocks(&self.database) {
+            Ok(clocks) => self.clocks = clocks,
+            Err(e) => tracing::warn!(error = %e, "cannot read the saved job clocks"),
+        }
         match core_board::Board::restore(config, events, self.now()) {
             Ok(board) => {
                 tracing::info!(events = count, jobs = board.jobs().len(), "job board ready");
@@ -561,9 +583,11 @@ impl BoardActor {
                 self.input(Input::FetchFailed { hash, from })
             }
             BoardMessage::SyncEvents(events) => {
+                self.syncing = true;
                 for event in events {
                     self.input(Input::Event(event));
                 }
+                self.syncing = false;
             }
             BoardMessage::Submit {
                 mut spec,
@@ -618,7 +642,8 @@ impl BoardActor {
             }
             BoardMessage::Job { job, reply } => {
                 if let Some(board) = &self.board {
-                    let _ = reply.send(board.job(&job));
+                    let clock = self.clocks.get(&job).copied().unwrap_or_default();
+                    let _ = reply.send(board.job_with_clock(&job, clock));
                 }
             }
             BoardMessage::Digests(reply) => {
@@ -766,6 +791,8 @@ impl BoardActor {
                         task,
                         lease,
                         inputs,
+                        // The core took the grant up just now, in this same input.
+                        granted_at: Instant::now(),
                     });
                 }
                 Action::StopTask { job, task, reason } => {
@@ -803,6 +830,12 @@ impl BoardActor {
                 }
                 Action::JobFinished { job, status } => {
                     tracing::info!(%job, ?status, "job finished");
+                    let live = !self.syncing;
+                    self.update_clock(job, |clock| {
+                        if live && clock.finished_at_ms.is_none() {
+                            clock.finished_at_ms = Some(unix_ms());
+                        }
+                    });
                     let _ = self.changes.send(JobChange {
                         job: job.to_string(),
                     });
@@ -832,6 +865,17 @@ impl BoardActor {
         if let Err(e) = result {
             tracing::error!(error = %e, events = events.len(), "could not save job events");
         }
+        // A job seen for the first time starts its clock, if it was seen as it began.
+        let live = !self.syncing;
+        for event in events.iter() {
+            if let EventBody::Submitted { .. } = event.body() {
+                self.update_clock(JobId::from(event.id()), |clock| {
+                    if live && clock.started_at_ms.is_none() {
+                        clock.started_at_ms = Some(unix_ms());
+                    }
+                });
+            }
+        }
         // Every accepted event (ours, or a peer's) changed its job: tell the event stream once
         // per job.
         let jobs: BTreeSet<JobId> = events.iter().filter_map(|e| e.body().job()).collect();
@@ -842,6 +886,28 @@ impl BoardActor {
         }
         events.clear();
         self.deliver(jobs);
+    }
+
+    /// Changes the clock of `job` (a new one if it has none), and saves it when it changed.
+    fn update_clock(&mut self, job: JobId, change: impl FnOnce(&mut JobClock)) {
+        let old = self.clocks.get(&job).copied();
+        let mut clock = old.unwrap_or_default();
+        change(&mut clock);
+        if old == Some(clock) {
+            return;
+        }
+        self.clocks.insert(job, clock);
+        let saved = (|| -> Result<(), redb::Error> {
+            let bytes = serde_json::to_vec(&clock).unwrap_or_default();
+            let txn = self.database.begin_write()?;
+            txn.open_table(CLOCKS_TABLE)?
+                .insert(job.0.as_slice(), bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = saved {
+            tracing::warn!(%job, error = %e, "could not save the job's clock");
+        }
     }
 
     /// Hands the finished outputs of `jobs` to delivery (which skips jobs not submitted here
@@ -1143,6 +1209,34 @@ fn load_events(database: &redb::Database) -> Result<Vec<SignedEvent>, redb::Erro
         }
     }
     Ok(events)
+}
+
+/// Every saved job clock; one that does not decode is skipped (its job shows no wall time).
+fn load_clocks(database: &redb::Database) -> Result<HashMap<JobId, JobClock>, redb::Error> {
+    let txn = database.begin_read()?;
+    let table = match txn.open_table(CLOCKS_TABLE) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashMap::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut clocks = HashMap::new();
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        let Ok(id) = <[u8; 32]>::try_from(key.value()) else {
+            continue;
+        };
+        if let Ok(clock) = serde_json::from_slice::<JobClock>(value.value()) {
+            clocks.insert(JobId(id), clock);
+        }
+    }
+    Ok(clocks)
+}
+
+/// This machine's clock, in Unix milliseconds (0 before 1970).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Asks `to` to fetch `hash` from this node; whether it holds it now.

@@ -16,6 +16,13 @@
 //! finish the frame into the scene's output file ([`blendnet_render::finish`]); its result is a
 //! manifest of that file.
 //!
+//! Each finished task reports its phases ([`TaskStats`]): the wait from the board's grant to
+//! this actor taking the task up, fetching inputs, starting Blender, rendering (or merging),
+//! and the import of the outputs into the blob store (the worker's "upload": copying the
+//! result to a second peer comes after, asked by the coordinator). They are laps of one
+//! stopwatch, so they follow each other without gaps; the task's wall time is measured apart,
+//! from the grant to the report.
+//!
 //! `Stop` kills Blender at once (cancellation within a second); a crashed or hung Blender is
 //! reported as a failed task and a fresh one is started for the next task. A task's log (what
 //! happened, and Blender's last lines on a failure) is kept in `<data>/work/<job>/logs/`.
@@ -45,6 +52,8 @@ pub enum RenderMessage {
         lease: Lease,
         /// A merge's slices.
         inputs: Vec<BlobHash>,
+        /// When the board accepted the grant: the task's wait starts here.
+        granted_at: Instant,
     },
     /// Stop rendering `task` of `job`, if it is the one running; report nothing.
     Stop { job: JobId, task: TaskSpec },
@@ -143,10 +152,39 @@ struct TaskContext {
 
 type Outcome = Result<(BlobHash, TaskStats), String>;
 
+/// Times a task's phases as laps from its grant, and its wall time apart from them.
+#[derive(Debug)]
+struct Stopwatch {
+    granted_at: Instant,
+    lap_from: Instant,
+}
+
+impl Stopwatch {
+    fn new(granted_at: Instant) -> Stopwatch {
+        Stopwatch {
+            granted_at,
+            lap_from: granted_at,
+        }
+    }
+
+    /// Milliseconds since the last lap (or the grant), starting the next lap now.
+    fn lap(&mut self) -> u64 {
+        let now = Instant::now();
+        let ms = now.saturating_duration_since(self.lap_from).as_millis();
+        self.lap_from = now;
+        u64::try_from(ms).unwrap_or(u64::MAX)
+    }
+
+    /// Milliseconds since the grant, read from the grant's instant alone.
+    fn wall_ms(&self) -> u64 {
+        u64::try_from(self.granted_at.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
 impl RenderActor {
     async fn run(mut self) {
         while let Some(message) = self.inbox.recv().await {
-            let (job, spec, task, lease, inputs) = match message {
+            let (job, spec, task, lease, inputs, granted_at) = match message {
                 RenderMessage::SetBlender(path) => {
                     self.blender = path;
                     continue;
@@ -158,8 +196,11 @@ impl RenderActor {
                     task,
                     lease,
                     inputs,
-                } => (job, spec, task, lease, inputs),
+                    granted_at,
+                } => (job, spec, task, lease, inputs, granted_at),
             };
+            let mut watch = Stopwatch::new(granted_at);
+            let wait_ms = watch.lap();
             let context = TaskContext {
                 blobs: self.blobs.clone(),
                 activity: self.activity.clone(),
@@ -171,11 +212,18 @@ impl RenderActor {
             self.next_id += 1;
             let worker = self.worker.take();
             let render = async {
-                if task.is_merge() {
-                    (worker, run_merge(context, job, &spec, task, inputs).await)
+                let (worker, outcome) = if task.is_merge() {
+                    let outcome = run_merge(context, job, &spec, task, inputs, &mut watch).await;
+                    (worker, outcome)
                 } else {
-                    run_task(context, worker, job, spec, task).await
-                }
+                    run_task(context, worker, job, spec, task, &mut watch).await
+                };
+                let outcome = outcome.map(|(result, mut stats)| {
+                    stats.wait_ms = wait_ms;
+                    stats.wall_ms = watch.wall_ms();
+                    (result, stats)
+                });
+                (worker, outcome)
             };
             tokio::pin!(render);
             // Render, while watching the inbox for a stop of this task. Dropping the render
@@ -235,23 +283,26 @@ async fn run_task(
     job: JobId,
     spec: Arc<JobSpec>,
     task: TaskSpec,
+    watch: &mut Stopwatch,
 ) -> (Option<JobWorker>, Outcome) {
     let Some(blender) = context.blender else {
         return (worker, Err("this peer has no usable Blender".into()));
     };
     let job_dir = context.work_dir.join(job.to_string());
-    let (mut kept, blender_start_ms) = match worker {
-        Some(w) if w.job == job => (w, 0),
+    let (mut kept, fetch_ms, blender_start_ms) = match worker {
+        // The job's Blender holds the scene: nothing to fetch or start.
+        Some(w) if w.job == job => (w, 0, 0),
         other => {
             if let Some(old) = other {
                 old.worker.quit().await;
             }
-            let started = Instant::now();
-            match start_worker(&context.blobs, &blender, &job_dir, &spec, context.threads).await {
-                Ok(worker) => (
-                    JobWorker { job, worker },
-                    started.elapsed().as_millis() as u64,
-                ),
+            let scene = match fetch_scene(&context.blobs, &job_dir, &spec).await {
+                Ok(scene) => scene,
+                Err(reason) => return (None, Err(reason)),
+            };
+            let fetch_ms = watch.lap();
+            match start_worker(&blender, &scene, &job_dir, &spec, context.threads).await {
+                Ok(worker) => (JobWorker { job, worker }, fetch_ms, watch.lap()),
                 Err(reason) => return (None, Err(reason)),
             }
         }
@@ -312,14 +363,9 @@ async fn run_task(
             return ((!dead).then_some(kept), Err(e.to_string()));
         }
     };
-    let stats = TaskStats {
-        render_ms: done.render_ms,
-        samples: task.samples,
-        blender_start_ms,
-        peak_memory_bytes: 0,
-        inexact: done.inexact,
-        denoise: kept.worker.ready().denoise,
-    };
+    // Measured here rather than taken from Blender (`done.render_ms`, inside its Python), so
+    // that the phases add up to the task's wall time.
+    let render_ms = watch.lap();
     let imported = context.blobs.add(vec![out_dir.clone()]).await;
     let _ = std::fs::remove_dir_all(&out_dir);
     let result = imported
@@ -329,6 +375,16 @@ async fn run_task(
                 .parse::<BlobHash>()
                 .map_err(|e| format!("storing the result: {e}"))
         });
+    let stats = TaskStats {
+        render_ms,
+        samples: task.samples,
+        blender_start_ms,
+        fetch_ms,
+        upload_ms: watch.lap(),
+        inexact: done.inexact,
+        denoise: kept.worker.ready().denoise,
+        ..TaskStats::default()
+    };
     (Some(kept), result.map(|hash| (hash, stats)))
 }
 
@@ -413,11 +469,13 @@ async fn run_merge(
     spec: &JobSpec,
     task: TaskSpec,
     inputs: Vec<BlobHash>,
+    watch: &mut Stopwatch,
 ) -> Outcome {
     let Some(blender) = context.blender else {
         return Err("this peer has no usable Blender".into());
     };
     let started = Instant::now();
+    let mut stats = TaskStats::default();
     context.activity.send_replace(Some(Activity {
         job,
         task,
@@ -441,6 +499,7 @@ async fn run_merge(
                 .map_err(|e| format!("fetching slice {hash}: {e}"))?;
             slices.push(slice_dir.join(&name));
         }
+        stats.fetch_ms = watch.lap();
         let merged = dir.join("merged.exr");
         let target = merged.clone();
         let report = tokio::task::spawn_blocking(move || {
@@ -468,6 +527,7 @@ async fn run_merge(
         blendnet_render::finish(&blender, &scene, &merged, frame_number, &out_dir)
             .await
             .map_err(|e| e.to_string())?;
+        stats.merge_ms = watch.lap();
         let view = context
             .blobs
             .add(vec![out_dir])
@@ -476,9 +536,12 @@ async fn run_merge(
         // The slices and the finished file are in the store; the merged EXR (as large as a
         // slice) is not needed any more.
         let _ = tokio::fs::remove_dir_all(&dir).await;
-        view.hash
+        let hash = view
+            .hash
             .parse::<BlobHash>()
-            .map_err(|e| format!("storing the finished frame: {e}"))
+            .map_err(|e| format!("storing the finished frame: {e}"))?;
+        stats.upload_ms = watch.lap();
+        Ok(hash)
     }
     .await;
     let log = match &outcome {
@@ -486,23 +549,20 @@ async fn run_merge(
         Err(e) => format!("failed: {e}"),
     };
     write_log(&job_dir, &task, started, &log, "");
-    let stats = TaskStats {
-        render_ms: started.elapsed().as_millis() as u64,
-        ..TaskStats::default()
-    };
+    // The log was written after the upload lap: it joins it, so the phases stay gapless.
+    stats.upload_ms += watch.lap();
     outcome.map(|hash| (hash, stats))
 }
 
-/// Starts Blender on the job's scene, fetched into `<job_dir>/scene`.
+/// Starts Blender on the job's scene (fetched into `<job_dir>/scene` already).
 async fn start_worker(
-    blobs: &Blobs,
     blender: &Path,
+    scene: &Path,
     job_dir: &Path,
     spec: &JobSpec,
     threads: Option<u32>,
 ) -> Result<Worker, String> {
-    let scene = fetch_scene(blobs, job_dir, spec).await?;
-    let worker = Worker::start_with_threads(blender, &scene, job_dir, threads)
+    let worker = Worker::start_with_threads(blender, scene, job_dir, threads)
         .await
         .map_err(|e| e.to_string())?;
     let found = worker.ready().blender.clone();

@@ -449,14 +449,36 @@ pub struct Lease {
     pub backup: bool,
 }
 
-/// What a worker measured while rendering a task.
+/// What a worker measured while rendering a task, carried in its signed `Rendered` event, so
+/// every peer holding the job's events holds its statistics too.
+///
+/// A task's time on its worker is cut into phases that follow each other without gaps, each
+/// measured on the worker's monotonic clock:
+///
+/// ```text
+///  lease accepted ─ wait ─▶ started ─ fetch ─▶ inputs here ─ blender_start ─▶ scene loaded
+///     ─ render (or merge) ─▶ outputs written ─ upload ─▶ result in the store, report sent
+/// ```
+///
+/// `wall_ms` is measured on its own, from one instant at the start of the wait to one at the
+/// end of the upload, so the phases can be checked against it: they add up to it within the
+/// milliseconds lost to rounding each phase down.
+///
+/// "Upload" is the import of the outputs into the worker's own blob store, after which the
+/// worker reports the result. Copying the result to a second peer (which makes the task done)
+/// happens after that, asked by the coordinator, and is no part of the worker's task time.
+///
+/// Adding fields changes the encoding of `Rendered` events: events from a daemon of an earlier
+/// version do not decode, so every peer of a mesh runs the same version (pre-release).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct TaskStats {
-    /// Wall time of the render itself, without starting Blender.
+    /// Wall time of the render itself, from the task handed to the loaded Blender to its
+    /// outputs written (0 for a merge).
     pub render_ms: u64,
     /// Samples rendered per frame.
     pub samples: u32,
-    /// Time to start Blender and load the scene; 0 when a loaded process was reused.
+    /// Time to start Blender and load the scene; 0 when a loaded process was reused. For a
+    /// merge, 0: Blender starts inside the merge phase.
     pub blender_start_ms: u64,
     /// Peak memory of the Blender process.
     pub peak_memory_bytes: u64,
@@ -467,6 +489,41 @@ pub struct TaskStats {
     pub inexact: bool,
     /// The scene asks Cycles to denoise: its frames need a merger whose Blender can.
     pub denoise: bool,
+    /// The worker held the lease but had not started the task: from its board accepting the
+    /// grant to its render side taking the task up.
+    pub wait_ms: u64,
+    /// Fetching the inputs into the worker's workspace: the scene for a render task (0 when
+    /// the job's scene was loaded already), the slices and the scene for a merge.
+    pub fetch_ms: u64,
+    /// Importing the outputs into the worker's blob store, until the report is sent.
+    pub upload_ms: u64,
+    /// A merge task's merge of the slices and Blender's finish of the frame (0 for a render).
+    pub merge_ms: u64,
+    /// The task's whole time on the worker, measured apart from the phases (see above).
+    pub wall_ms: u64,
+    /// What an hour of the worker costs, in millionths of a US dollar, as the worker said when
+    /// it reported (its `price_per_hour` setting, or the launch price of a cloud instance);
+    /// `None` when unknown.
+    pub price_per_hour_micros: Option<u64>,
+}
+
+impl TaskStats {
+    /// The phases in order: wait, fetch, Blender start, render, merge, upload.
+    pub fn phases(&self) -> [u64; 6] {
+        [
+            self.wait_ms,
+            self.fetch_ms,
+            self.blender_start_ms,
+            self.render_ms,
+            self.merge_ms,
+            self.upload_ms,
+        ]
+    }
+
+    /// The sum of the phases: `wall_ms` up to rounding.
+    pub fn phases_ms(&self) -> u64 {
+        self.phases().iter().fold(0u64, |a, b| a.saturating_add(*b))
+    }
 }
 
 /// What an event says. The author is in the [`SignedEvent`] around it.
@@ -861,6 +918,9 @@ pub struct Offer {
     pub blender: Option<String>,
     /// Its Blender can denoise (has OpenImageDenoise).
     pub denoiser: bool,
+    /// What an hour of the worker costs, in millionths of a US dollar, if it knows: its board
+    /// puts it in the stats of every task it reports ([`TaskStats::price_per_hour_micros`]).
+    pub price_per_hour_micros: Option<u64>,
 }
 
 /// Why a coordinator took a lease back.
@@ -1216,6 +1276,7 @@ mod tests {
                 gpus: 8,
                 blender: Some("4.2.1".into()),
                 denoiser: true,
+                price_per_hour_micros: Some(3_060_000),
             },
             report: Some(failed.signed().clone()),
         };

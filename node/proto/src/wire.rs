@@ -43,6 +43,10 @@ pub struct Capabilities {
     pub denoiser: bool,
     /// Whether the peer takes render tasks (`--no-render` turns it off).
     pub render: bool,
+    /// What an hour of this peer costs, in millionths of a US dollar (an integer, so the
+    /// struct stays `Eq`): its `price_per_hour` setting, which a cloud instance gets from its
+    /// launch price. `None`: unknown (a desktop nobody priced).
+    pub price_per_hour_micros: Option<u64>,
 }
 
 /// A peer's periodic status on the `status` topic and in answer to [`SyncRequest::Status`].

@@ -855,10 +855,9 @@ impl Net {
                         stats: TaskStats {
                             render_ms: r.cost,
                             samples: r.task.samples,
-                            blender_start_ms: 0,
-                            peak_memory_bytes: 0,
-                            inexact: false,
+                            wall_ms: r.cost,
                             denoise: self.scene_denoises,
+                            ..TaskStats::default()
                         },
                     },
                 );

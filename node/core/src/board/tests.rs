@@ -1297,3 +1297,78 @@ fn a_scene_that_denoises_merges_on_a_peer_that_can_and_fails_early_where_none_ca
         view.summary.total_units
     );
 }
+
+#[test]
+fn a_workers_reports_carry_its_price_and_the_view_sums_them() {
+    let me = peer();
+    let mut b = Board::new(
+        BoardConfig {
+            keypair: me.key.clone(),
+            roles: roles("submit,render,coordinate"),
+            renders: true,
+            offer: Offer {
+                price_per_hour_micros: Some(7_200_000),
+                ..Offer::default()
+            },
+        },
+        0,
+    )
+    .unwrap();
+    let (job, mut actions) = b.submit(10, frames_spec(2)).unwrap();
+    let mut now = 10;
+    for _ in 0..50 {
+        let mut next = Vec::new();
+        for a in &actions {
+            if let Action::StartTask {
+                job, task, lease, ..
+            } = a
+            {
+                now += 1_000;
+                next.extend(b.handle(
+                    now,
+                    Input::TaskFinished {
+                        job: *job,
+                        task: *task,
+                        lease: *lease,
+                        result: BlobHash::of(&task.frame_start.to_le_bytes()),
+                        stats: TaskStats {
+                            render_ms: 900,
+                            upload_ms: 100,
+                            wall_ms: 1_000,
+                            samples: 64,
+                            ..Default::default()
+                        },
+                    },
+                ));
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        actions = next;
+    }
+    let view = b.job(&job).unwrap();
+    assert_eq!(view.summary.status, JobStatus::Done);
+    for task in &view.tasks {
+        assert_eq!(task.retries, 0);
+        assert_eq!(task.reports.len(), 1);
+        assert_eq!(task.reports[0].worker, me.id);
+        assert_eq!(task.reports[0].stats.price_per_hour_micros, Some(7_200_000));
+    }
+    let stats = &view.stats;
+    assert_eq!(stats.render_ms, 1_800);
+    assert_eq!(stats.phases.upload_ms, 200);
+    assert_eq!(stats.peers.len(), 1);
+    assert_eq!(stats.peers[0].units, 128);
+    // Two seconds of a $7.20/h machine.
+    assert!(stats.unpriced_peers.is_empty());
+    assert!(
+        (stats.cost.unwrap() - 0.004).abs() < 1e-9,
+        "{:?}",
+        stats.cost
+    );
+    let json = serde_json::to_value(&view).unwrap();
+    assert!(json["stats"]["phases"]["render_ms"].is_u64(), "{json}");
+    assert!(json["tasks"][0]["reports"][0]["stats"]["wall_ms"].is_u64());
+    assert!(json["tasks"][0]["results"].is_array(), "kept as it was");
+}
