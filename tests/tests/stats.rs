@@ -18,7 +18,8 @@ const JOB_WITHIN: Duration = Duration::from_secs(180);
 /// What an hour of node `a` costs (US dollars); `b` states no price.
 const PRICE_A: f64 = 1.8;
 
-/// How far a task's phases may be from its wall time (the 5 %).
+/// How far a task's phases may be from its wall time (the 5 %; at least the one
+/// millisecond that readings in whole milliseconds can differ by).
 const PHASE_TOLERANCE: f64 = 0.05;
 
 fn u(v: &Value, key: &str) -> Result<u64> {
@@ -120,9 +121,10 @@ fn a_finished_jobs_statistics_add_up() {
                 .sum::<Result<u64>>()?;
                 let wall = u(s, "wall_ms")?;
                 ensure!(wall > 0, "a task took no time: {s}");
-                let off = (wall as f64 - phases as f64).abs() / wall as f64;
+                // Within 5 %, or the millisecond that whole milliseconds can be off by.
+                let off = wall.abs_diff(phases);
                 ensure!(
-                    off <= PHASE_TOLERANCE,
+                    off as f64 <= (wall as f64 * PHASE_TOLERANCE).max(1.0),
                     "the phases add up to {phases} ms, the wall time is {wall} ms: {s}"
                 );
                 let worker = report["worker"].as_str().context("worker")?.to_owned();
