@@ -8,7 +8,9 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use blendnet_tests::{MESH_ONLINE_WITHIN, Node, blender, blender_scene, e2e, eventually};
+use blendnet_tests::{
+    MESH_ONLINE_WITHIN, Node, blender, blender_scene, e2e, eventually, find_peer,
+};
 use serde_json::Value;
 
 /// A 32-sample still of the small test scene, cut in slices over two peers and merged,
@@ -44,6 +46,14 @@ fn two_peers() -> Result<(Node, Node)> {
         ensure!(online.contains(&idb), "a does not see b yet");
         let online = blendnet_tests::online_peers(&b.peers()?)?;
         ensure!(online.contains(&ida), "b does not see a yet");
+        // Each advertises its price (a's), or that it has none (b's).
+        let price =
+            |p: Option<&Value>| p.map(|p| p["capabilities"]["price_per_hour_micros"].clone());
+        ensure!(
+            price(find_peer(&b.peers()?, &ida)) == Some(serde_json::json!(1_800_000)),
+            "b does not see a's price yet"
+        );
+        ensure!(price(find_peer(&a.peers()?, &idb)) == Some(Value::Null));
         Ok(())
     })?;
     Ok((a, b))
@@ -248,5 +258,44 @@ fn a_finished_jobs_statistics_add_up() {
         );
         eprintln!("took {:.1?}", started.elapsed());
         Ok(())
+    });
+}
+
+#[test]
+fn an_enrolled_cloud_instance_takes_its_launch_price_from_its_user_data() {
+    e2e(|| {
+        let (mut a, mesh) = Node::init("provisioner")?;
+        a.up(&["--no-render"])?;
+        let token = a.invite(&["--ttl", "10m", "--roles", "render"])?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let user_data = serde_json::json!({
+            "version": 1,
+            "mesh": mesh,
+            "bootstrap": [a.bootstrap_addr()?],
+            "provisioner": a.peer_id()?,
+            "token": token,
+            "expires_at": now + 600,
+            "price_per_hour_micros": 41_600,
+        });
+        let mut instance = Node::new("instance")?;
+        let file = instance.data_dir().with_file_name("user-data");
+        fs::write(&file, user_data.to_string())?;
+        let mut args = Node::default_up_args();
+        args.extend(["--user-data".to_owned(), file.display().to_string()]);
+        instance.start_command("enroll", &args)?;
+        instance.wait_api(MESH_ONLINE_WITHIN)?;
+        let id = instance.peer_id()?;
+        // The price reaches the mesh with the instance's capabilities (and its tasks' stats).
+        eventually(Duration::from_secs(30), Duration::from_millis(250), || {
+            let peers = a.peers()?;
+            let peer = find_peer(&peers, &id).context("the instance is not listed yet")?;
+            ensure!(
+                peer["capabilities"]["price_per_hour_micros"] == 41_600,
+                "no price yet: {peer}"
+            );
+            Ok(())
+        })
     });
 }
