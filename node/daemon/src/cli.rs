@@ -1070,6 +1070,45 @@ fn progress_bar(client: &Client, finished: &std::sync::mpsc::Receiver<()>) {
     }
 }
 
+/// `blendnet web`: a one-time login link to the status page; the link on this machine comes
+/// last, alone on its line.
+fn web(data_dir: &DataDir, no_open: bool) -> anyhow::Result<()> {
+    let login = Client::connect(data_dir)?.web_login()?;
+    let minutes = login.expires_in_secs / 60;
+    println!("The status page: this link works once, within {minutes} minutes.");
+    if let (Some(url), Some(fingerprint)) = (&login.remote_url, &login.fingerprint) {
+        println!("From another machine (TLS, certificate SHA-256 {fingerprint}):");
+        println!("  {url}");
+        println!("On this machine:");
+    }
+    println!("{}", login.url);
+    if !no_open && desktop_present() {
+        let opener = if cfg!(target_os = "macos") {
+            "open"
+        } else {
+            "xdg-open"
+        };
+        let opened = std::process::Command::new(opener)
+            .arg(&login.url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if let Err(e) = opened {
+            eprintln!("could not open a browser ({opener}: {e}); open the link yourself");
+        }
+    }
+    Ok(())
+}
+
+/// Whether a graphical desktop is there to open a browser on.
+fn desktop_present() -> bool {
+    cfg!(target_os = "macos")
+        || ["DISPLAY", "WAYLAND_DISPLAY"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1108,43 +1147,4 @@ mod tests {
         );
         assert!(time_lines(&serde_json::json!({"reports": 0})).is_empty());
     }
-}
-
-/// `blendnet web`: a one-time login link to the status page; the link on this machine comes
-/// last, alone on its line.
-fn web(data_dir: &DataDir, no_open: bool) -> anyhow::Result<()> {
-    let login = Client::connect(data_dir)?.web_login()?;
-    let minutes = login.expires_in_secs / 60;
-    println!("The status page: this link works once, within {minutes} minutes.");
-    if let (Some(url), Some(fingerprint)) = (&login.remote_url, &login.fingerprint) {
-        println!("From another machine (TLS, certificate SHA-256 {fingerprint}):");
-        println!("  {url}");
-        println!("On this machine:");
-    }
-    println!("{}", login.url);
-    if !no_open && desktop_present() {
-        let opener = if cfg!(target_os = "macos") {
-            "open"
-        } else {
-            "xdg-open"
-        };
-        let opened = std::process::Command::new(opener)
-            .arg(&login.url)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-        if let Err(e) = opened {
-            eprintln!("could not open a browser ({opener}: {e}); open the link yourself");
-        }
-    }
-    Ok(())
-}
-
-/// Whether a graphical desktop is there to open a browser on.
-fn desktop_present() -> bool {
-    cfg!(target_os = "macos")
-        || ["DISPLAY", "WAYLAND_DISPLAY"]
-            .iter()
-            .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
 }
