@@ -876,9 +876,15 @@ impl BoardActor {
                 });
             }
         }
-        // Every accepted event (ours, or a peer's) changed its job: tell the event stream once
-        // per job.
-        let jobs: BTreeSet<JobId> = events.iter().filter_map(|e| e.body().job()).collect();
+        // Every accepted event (ours, or a peer's) changed its job, a submission made one:
+        // tell the event stream once per job.
+        let jobs: BTreeSet<JobId> = events
+            .iter()
+            .filter_map(|e| match e.body() {
+                EventBody::Submitted { .. } => Some(JobId::from(e.id())),
+                body => body.job(),
+            })
+            .collect();
         for job in &jobs {
             let _ = self.changes.send(JobChange {
                 job: job.to_string(),
