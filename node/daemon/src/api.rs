@@ -24,7 +24,7 @@
 //! | `POST /v1/revoke` | [`RevokeRequest`] | [`PeerRef`] |
 //! | `GET /v1/jobs` | – | JSON array of job summaries |
 //! | `POST /v1/jobs` | [`SubmitRequest`] | [`JobRef`] |
-//! | `GET /v1/jobs/{id}` | – | the job: spec, progress per frame, every task |
+//! | `GET /v1/jobs/{id}` | – | the job: spec, progress per frame, every task with its workers' reports, and `stats` (where the time and money went) |
 //! | `DELETE /v1/jobs/{id}` | – | [`JobRef`] (cancelled) |
 //! | `GET /v1/jobs/{id}/logs` | – | JSON array of `{"task", "log"}`: the tasks this node rendered |
 //! | `GET /v1/jobs/{id}/preview?frame=N&size=PX` | – | `image/png`: the merge of the frame's slices so far |
