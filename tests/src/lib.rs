@@ -49,6 +49,8 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub mod webdriver;
+
 /// How long a daemon may take from spawn to a working API. Generous because a debug build on a
 /// loaded 2-core CI machine, with other tests' daemons running, can be slow to start.
 pub const API_TIMEOUT: Duration = Duration::from_secs(30);
