@@ -223,9 +223,10 @@ function peerName(peerId) {
   return `…${peerId.slice(-8)}`;
 }
 
-function peerLabel(peerId) {
+function peerLabel(peerId, tag = true) {
   const self = state.self && state.self.peer_id === peerId;
-  return h('span', { class: 'peer-ref', title: peerId, dataset: { peerId } }, peerName(peerId), self ? h('span', { class: 'tag' }, 'this node') : null);
+  return h('span', { class: 'peer-ref', title: self ? `${peerId} (this node)` : peerId, dataset: { peerId } },
+    peerName(peerId), self ? (tag ? h('span', { class: 'tag' }, 'this node') : ' ✱') : null);
 }
 
 function shortId(id) {
@@ -256,7 +257,7 @@ function taskKey(task) {
 function taskLabel(task) {
   const frames = task.frame_count > 1 ? `frames ${task.frame_start}–${task.frame_start + task.frame_count - 1}` : `frame ${task.frame_start}`;
   if (task.kind === 'merge') return `Merge ${frames}`;
-  return `${frames}, samples ${task.sample_offset}–${task.sample_offset + task.samples - 1}`;
+  return `${frames} · samples ${task.sample_offset}–${task.sample_offset + task.samples - 1}`;
 }
 
 function taskState(t) {
@@ -622,8 +623,8 @@ function peerRow(peer) {
     h('td', { class: 'small' }, caps.cores || gpus.length ? hardware : h('span', { class: 'muted' }, 'unknown')),
     h('td', { class: 'current-task' }, currentTask(peer)),
     h('td', { class: 'num', dataset: { field: 'sps' } }, samplesPerSecond(peer)),
-    h('td', { class: 'num', dataset: { field: 'bytes-in' } }, fmtBytes(peer.bytes_in)),
-    h('td', { class: 'num', dataset: { field: 'bytes-out' } }, fmtBytes(peer.bytes_out)));
+    h('td', { class: 'num', dataset: { field: 'bytes-in' }, title: 'Blob bytes received from this peer' }, peer.is_self ? h('span', { class: 'muted' }, '—') : fmtBytes(peer.bytes_in)),
+    h('td', { class: 'num', dataset: { field: 'bytes-out' }, title: 'Blob bytes sent to this peer' }, peer.is_self ? h('span', { class: 'muted' }, '—') : fmtBytes(peer.bytes_out)));
 }
 
 function currentTask(peer) {
@@ -897,7 +898,7 @@ async function loadPreview(signature) {
   p.at = performance.now();
   const current = () => state.preview === p && p.frame === frame && $('#preview');
   try {
-    const res = await api(`/v1/jobs/${encodeURIComponent(job)}/preview?frame=${frame}&size=${PREVIEW_SIZE}&v=${Date.now()}`, { headers: { Accept: 'image/png' } });
+    const res = await api(`/v1/jobs/${encodeURIComponent(job)}/preview?frame=${frame}&size=${PREVIEW_SIZE}`, { headers: { Accept: 'image/png' } });
     const bytes = new Uint8Array(await res.arrayBuffer());
     if (!current()) return;
     p.signature = signature;
@@ -980,7 +981,7 @@ function tasksTable(view) {
     rows.push(h('tr', { dataset: { task: key, kind: t.task.kind, state: st.word }, class: t.in_cover ? '' : 'orphan' },
       h('td', {}, taskLabel(t.task), t.in_cover ? null : h('div', { class: 'small muted' }, 'superseded')),
       h('td', {}, st.word),
-      h('td', {}, peer ? peerLabel(peer) : h('span', { class: 'muted' }, '—')),
+      h('td', {}, peer ? peerLabel(peer, false) : h('span', { class: 'muted' }, '—')),
       h('td', { class: 'num' }, t.task.kind === 'merge' ? '—' : fmtNumber(stats.samples !== undefined ? stats.samples : t.task.samples * t.task.frame_count)),
       phase('wait_ms'), phase('fetch_ms'), phase('blender_start_ms'), phase('render_ms'), phase('upload_ms'), phase('merge_ms'),
       h('td', { class: 'num', dataset: { field: 'retries' } }, String(retries)),
@@ -990,12 +991,14 @@ function tasksTable(view) {
   }
   return h('div', { class: 'table-wrap' },
     hasStats ? null : h('p', { class: 'small muted' }, 'This node reports no per-task timings for this job.'),
+    h('p', { class: 'small muted table-note' }, 'Start: Blender start and scene load (0 when a loaded Blender was reused). ✱ this node.'),
     h('table', { class: 'data tasks', id: 'tasks' },
       h('thead', {}, h('tr', {},
         h('th', {}, 'Task'), h('th', {}, 'State'), h('th', {}, 'Peer'), h('th', { class: 'num' }, 'Samples'),
-        h('th', { class: 'num' }, 'Queue wait'), h('th', { class: 'num' }, 'Fetch'), h('th', { class: 'num' }, 'Blender start'),
-        h('th', { class: 'num' }, 'Render'), h('th', { class: 'num' }, 'Upload'), h('th', { class: 'num' }, 'Merge'),
-        h('th', { class: 'num' }, 'Retries'), h('th', {}, 'Failures and logs'))),
+        h('th', { class: 'num', title: 'Queue wait: the lease held before the task started' }, 'Wait'), h('th', { class: 'num', title: 'Fetching the inputs' }, 'Fetch'),
+        h('th', { class: 'num', title: 'Starting Blender and loading the scene' }, 'Start'),
+        h('th', { class: 'num' }, 'Render'), h('th', { class: 'num', title: 'Storing and announcing the outputs' }, 'Upload'), h('th', { class: 'num' }, 'Merge'),
+        h('th', { class: 'num' }, 'Retries'), h('th', {}, 'Failures, log'))),
       h('tbody', {}, rows)));
 }
 
