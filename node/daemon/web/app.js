@@ -254,9 +254,11 @@ function taskKey(task) {
   return `f${task.frame_start}+${task.frame_count}-s${task.sample_offset}+${task.samples}`;
 }
 
-function taskLabel(task) {
+/** `frame 3 · samples 0–15`, `frames 1–4` (a whole-frame task), `Merge frame 3`. */
+function taskLabel(task, sliced = true) {
   const frames = task.frame_count > 1 ? `frames ${task.frame_start}–${task.frame_start + task.frame_count - 1}` : `frame ${task.frame_start}`;
   if (task.kind === 'merge') return `Merge ${frames}`;
+  if (!sliced) return frames;
   return `${frames} · samples ${task.sample_offset}–${task.sample_offset + task.samples - 1}`;
 }
 
@@ -641,7 +643,7 @@ function currentTask(peer) {
   }
   return h('div', {},
     h('a', { href: `#/jobs/${encodeURIComponent(r.job)}` }, name),
-    h('div', { class: 'small muted' }, taskLabel(t)),
+    h('div', { class: 'small muted' }, taskLabel(t, !state.views.has(r.job) || previewable(state.views.get(r.job)))),
     progress);
 }
 
@@ -822,8 +824,8 @@ function jobPage(id) {
         meta('Job', h('span', { class: 'mono', id: 'job-id' }, summary.id)),
         meta('Submitted', `${fmtTime(view.spec.submitted_at)} by `, peerLabel(summary.submitter)),
         meta('Coordinator', summary.coordinator ? peerLabel(summary.coordinator[1]) : '—'),
-        meta('Scene', `${view.spec.blend_path} · ${view.spec.engine} · Blender ${view.spec.blender || 'any'}`),
-        meta('Frames', `${fmtFrames(view.spec.frames)} × ${fmtNumber(view.spec.samples)} samples, split by ${String(view.spec.split).toLowerCase()}`),
+        meta('Scene', `${view.spec.blend_path} · ${engineName(view.spec.engine)} · Blender ${view.spec.blender || 'any'}`),
+        meta('Frames', `${fmtFrames(view.spec.frames)} × ${fmtNumber(view.spec.samples)} samples, split by ${previewable(view) ? 'samples' : 'frames'}`),
         summary.inexact ? meta('Note', 'Some slices were cut at other sample counts: the merge is statistically, not bit-for-bit, equal to a single render.') : null)),
     h('div', { class: 'job-grid' },
       h('div', { class: 'card', id: 'job-progress-card' },
@@ -850,8 +852,18 @@ function meta(label, ...value) {
 
 // The preview ---------------------------------------------------------------------------------
 
+/** Whether the job's frames are cut into sample slices, which have a merged preview (the
+ * daemon's `JobSpec::splits_samples`). */
 function previewable(view) {
-  return view && String(view.spec.split).toLowerCase() !== 'frames';
+  if (!view || view.spec.engine !== 'Cycles') return false;
+  if (view.spec.split === 'Samples') return true;
+  return view.spec.split === 'Auto' && view.spec.frames.length === 1;
+}
+
+/** `Cycles`, `Eevee`, or another engine's identifier (`{"Other": "…"}` in the job's spec). */
+function engineName(engine) {
+  if (engine && typeof engine === 'object') return Object.values(engine)[0] || 'another engine';
+  return String(engine);
 }
 
 function previewControls(view) {
@@ -979,7 +991,7 @@ function tasksTable(view) {
     const log = logByTask.get(key);
     const phase = (k) => h('td', { class: 'num', dataset: { field: k } }, stats[k] === undefined ? h('span', { class: 'muted' }, '—') : fmtDuration(stats[k]));
     rows.push(h('tr', { dataset: { task: key, kind: t.task.kind, state: st.word }, class: t.in_cover ? '' : 'orphan' },
-      h('td', {}, taskLabel(t.task), t.in_cover ? null : h('div', { class: 'small muted' }, 'superseded')),
+      h('td', {}, taskLabel(t.task, previewable(view)), t.in_cover ? null : h('div', { class: 'small muted' }, 'superseded')),
       h('td', {}, st.word),
       h('td', {}, peer ? peerLabel(peer, false) : h('span', { class: 'muted' }, '—')),
       h('td', { class: 'num' }, t.task.kind === 'merge' ? '—' : fmtNumber(stats.samples !== undefined ? stats.samples : t.task.samples * t.task.frame_count)),
