@@ -398,15 +398,16 @@ fn the_status_page_shows_the_mesh_its_jobs_and_their_previews_and_cancels_a_job(
         // The finished job's page: where the time went, per phase and per peer, as the API's
         // statistics say.
         open(&browser, &format!("#/jobs/{job}"))?;
-        let view = a.cli_json(&["status", &job, "--json"])?;
-        let mut peers_in_stats: Vec<String> = view["stats"]["peers"]
-            .as_array()
-            .context("the job's stats name no peers")?
-            .iter()
-            .filter_map(|p| p["peer"].as_str().map(str::to_owned))
-            .collect();
-        peers_in_stats.sort();
         wait(&browser, "the finished job's chart", PAGE_WITHIN, |br| {
+            // Read each time: a late backup's report may still add a peer.
+            let view = a.cli_json(&["status", &job, "--json"])?;
+            let mut peers_in_stats: Vec<String> = view["stats"]["peers"]
+                .as_array()
+                .context("the job's stats name no peers")?
+                .iter()
+                .filter_map(|p| p["peer"].as_str().map(str::to_owned))
+                .collect();
+            peers_in_stats.sort();
             ensure!(
                 attr_of(br, "#job-head", "data-state")? == "Done",
                 "the job page does not show it done"
