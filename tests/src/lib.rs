@@ -813,6 +813,7 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = wait_timeout(&mut child, KILL_TIMEOUT);
         }
+        kill_strays(self.root.path());
         let mut report = self.log_tail(LOG_TAIL_LINES);
         if std::env::var_os(KEEP_TMP_ENV).is_some() {
             self.root.disable_cleanup(true);
@@ -822,6 +823,39 @@ impl Drop for Node {
             eprintln!("{report}");
         } else {
             DROPPED_REPORTS.with(|r| r.borrow_mut().push(report));
+        }
+    }
+}
+
+/// Kills what a killed daemon left running under `root`: its Blender processes, and the
+/// daemons of the local cloud instances it started (their command lines name paths under
+/// `root`). Without this, a failed test leaves them rendering, slowing every later test.
+fn kill_strays(root: &Path) {
+    let Some(root) = root.to_str().map(|r| format!("{r}/")) else {
+        return;
+    };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&root) {
+            // SAFETY: kill(2) with a pid read from /proc; a process gone since is ESRCH.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
         }
     }
 }
@@ -1365,6 +1399,30 @@ mod tests {
         )?;
         assert_eq!((chunked.status, chunked.body.as_str()), (200, "{\"a\":1}"));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_dropped_node_takes_what_it_left_running_under_its_root_along() -> Result<()> {
+        let node = Node::new("strays")?;
+        let scene = node.data_dir().join("scene.blend");
+        // A stand-in for a Blender the daemon started: its command line names a path inside.
+        let mut stray = Command::new("sh")
+            .args(["-c", "sleep 600", "blender"])
+            .arg(&scene)
+            .spawn()?;
+        let mut bystander = Command::new("sh")
+            .args(["-c", "sleep 600", "other", "/tmp/not-this-node/scene.blend"])
+            .spawn()?;
+        drop(node);
+        let status = wait_timeout(&mut stray, Duration::from_secs(5))?;
+        ensure!(status.is_some(), "the stray outlived its node");
+        ensure!(
+            bystander.try_wait()?.is_none(),
+            "a process of another path was killed"
+        );
+        bystander.kill()?;
+        bystander.wait()?;
         Ok(())
     }
 

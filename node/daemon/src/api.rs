@@ -537,7 +537,8 @@ fn query_rejection(rejection: QueryRejection) -> Response {
 
 async fn require_access(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path == "/login" {
+    // The login link itself, and the style its refusals (and the "log in first" page) use.
+    if path == "/login" || path == "/web/style.css" {
         return next.run(req).await;
     }
     let api = path.starts_with("/v1/");
@@ -1049,6 +1050,9 @@ mod tests {
         );
         let (status, _, _) = raw(addr, "GET", "/web/app.js", None, None).await;
         assert_eq!(status, 401);
+        // Only the style is open: the refusal pages use it.
+        let (status, head, _) = raw(addr, "GET", "/web/style.css", None, None).await;
+        assert_eq!(status, 200, "{head}");
 
         let (status, _, login) = raw(addr, "POST", "/v1/web/login", Some(&bearer), None).await;
         assert_eq!(status, 200, "{login}");

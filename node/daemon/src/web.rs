@@ -4,7 +4,8 @@
 //! Access: `blendnet web` asks the daemon (with the API token) for a one-time login link. The
 //! link, opened once within [`LOGIN_TTL`], sets the session cookie [`SESSION_COOKIE`]
 //! (`HttpOnly`, `SameSite=Strict`) and redirects to the page. Every page and API call then
-//! needs either that cookie or the API token; without them the answer is 401. A request made
+//! needs either that cookie or the API token; without them the answer is 401 (only the
+//! stylesheet is open, for the refusal pages). A request made
 //! with the cookie that changes something (any method but GET and HEAD) must also carry
 //! `X-Requested-With: blendnet`, which no cross-site form can send.
 //!
