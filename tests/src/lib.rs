@@ -1001,6 +1001,15 @@ pub fn http_get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Result<Ht
 }
 
 fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
+    let (status, body) = parse_http(raw)?;
+    Ok(HttpResponse {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// An HTTP/1.1 response's status code and body (de-chunked).
+pub fn parse_http(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -1023,10 +1032,7 @@ fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
     } else {
         body.to_vec()
     };
-    Ok(HttpResponse {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Ok((status, body))
 }
 
 fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
@@ -1048,6 +1054,23 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
         out.extend_from_slice(&body[..size]);
         body = body.get(size + 2..).context("chunk not terminated")?;
     }
+}
+
+/// The user data a provisioner gives a cloud instance (`blendnet_cloud::UserData`'s JSON):
+/// join `inviter`'s mesh `mesh` with one-time `token`, within ten minutes. Tests add fields
+/// (`identity`, `price_per_hour_micros`) to the object.
+pub fn user_data(inviter: &Node, mesh: &str, token: &str) -> Result<Value> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    Ok(serde_json::json!({
+        "version": 1,
+        "mesh": mesh,
+        "bootstrap": [inviter.bootstrap_addr()?],
+        "provisioner": inviter.peer_id()?,
+        "token": token,
+        "expires_at": now + 600,
+    }))
 }
 
 /// Lists every file under `dir` (recursively) with its size: compare two snapshots to check that

@@ -220,7 +220,7 @@ impl Browser {
                 break;
             }
         }
-        let (status, body) = split_response(&raw)
+        let (status, body) = crate::parse_http(&raw)
             .with_context(|| format!("bad HTTP answer from chromedriver to {method} {path}"))?;
         let json: Value = serde_json::from_slice(&body).with_context(|| {
             format!(
@@ -319,13 +319,13 @@ impl Browser {
     /// A PNG of the viewport.
     pub fn screenshot(&self) -> Result<Vec<u8>> {
         let value = self.command("GET", "/screenshot", None)?;
-        base64_decode(value.as_str().context("the screenshot is not a string")?)
+        png(&value)
     }
 
     /// A PNG of `element` alone.
     pub fn element_screenshot(&self, element: &Element) -> Result<Vec<u8>> {
         let value = self.command("GET", &format!("/element/{}/screenshot", element.0), None)?;
-        base64_decode(value.as_str().context("the screenshot is not a string")?)
+        png(&value)
     }
 
     /// A PNG of the whole page, [`WINDOW`] wide and as tall as its content (at most
@@ -418,100 +418,10 @@ fn is_complete(raw: &[u8]) -> bool {
     false
 }
 
-/// An HTTP/1.1 response's status code and body (de-chunked).
-fn split_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no end of headers")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().context("no status line")?;
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("bad status line {status_line:?}"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let mut body = &raw[split + 4..];
-    if !chunked {
-        return Ok((status, body.to_vec()));
-    }
-    let mut out = Vec::new();
-    loop {
-        let eol = body
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("chunk size line not terminated")?;
-        let size_text = String::from_utf8_lossy(&body[..eol]);
-        let size_hex = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .with_context(|| format!("bad chunk size {size_text:?}"))?;
-        body = &body[eol + 2..];
-        if size == 0 {
-            return Ok((status, out));
-        }
-        ensure!(body.len() >= size, "chunk of {size} bytes truncated");
-        out.extend_from_slice(&body[..size]);
-        body = body.get(size + 2..).context("chunk not terminated")?;
-    }
-}
-
-/// Standard base64 (with padding, whitespace ignored), as WebDriver sends screenshots.
-pub fn base64_decode(text: &str) -> Result<Vec<u8>> {
-    fn sextet(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let mut acc = 0u32;
-    let mut bits = 0u32;
-    for &c in text.as_bytes() {
-        if c == b'=' {
-            break;
-        }
-        if c.is_ascii_whitespace() {
-            continue;
-        }
-        let v = sextet(c).with_context(|| format!("not base64: byte {c:#04x}"))?;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_decodes_with_and_without_padding() {
-        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(base64_decode("aGVsbG8h").unwrap(), b"hello!");
-        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
-        assert_eq!(base64_decode("iVBORw0KGgo=").unwrap(), b"\x89PNG\r\n\x1a\n");
-        assert!(base64_decode("a$b=").is_err());
-    }
-
-    #[test]
-    fn chunked_answers_are_joined() {
-        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n";
-        let (status, body) = split_response(raw).unwrap();
-        assert_eq!(status, 200);
-        assert_eq!(body, b"{\"a\":1}");
-    }
+/// A screenshot as WebDriver sends it: standard base64.
+fn png(value: &Value) -> Result<Vec<u8>> {
+    let text = value.as_str().context("the screenshot is not a string")?;
+    data_encoding::BASE64
+        .decode(text.as_bytes())
+        .context("the screenshot is not base64")
 }

@@ -63,16 +63,7 @@ fn an_instance_enrolls_with_its_user_data_once_and_a_replayed_token_is_refused()
         let (mut a, mesh) = Node::init("provisioner")?;
         a.up(&[])?;
         let token = a.invite(&["--ttl", "10m", "--roles", "render"])?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-        let user_data = json!({
-            "version": 1,
-            "mesh": mesh,
-            "bootstrap": [a.bootstrap_addr()?],
-            "provisioner": a.peer_id()?,
-            "token": token,
-            "expires_at": now + 600,
-        })
-        .to_string();
+        let user_data = blendnet_tests::user_data(&a, &mesh, &token)?.to_string();
 
         let mut instance = Node::new("instance")?;
         let args = enroll_args(&instance, &user_data)?;
@@ -109,6 +100,7 @@ fn an_instance_enrolls_with_its_user_data_once_and_a_replayed_token_is_refused()
         let late = Node::new("late")?;
         let file = late.data_dir().with_file_name("user-data");
         let mut expired: serde_json::Value = serde_json::from_str(&user_data)?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
         expired["expires_at"] = json!(now - 1);
         std::fs::write(&file, expired.to_string())?;
         let out = late.cli(&["enroll", "--user-data", &file.display().to_string()])?;

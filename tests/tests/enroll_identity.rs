@@ -3,7 +3,7 @@
 //! signed by a key the inviter trusts. The metadata servers are fakes on loopback, the trust
 //! root a key made by the test.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use aws_lc_rs::rand::SystemRandom;
@@ -124,16 +124,8 @@ fn only_the_instance_an_invite_is_bound_to_redeems_it() {
             "--instance",
             "aws:i-0123",
         ])?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-        let user_data = json!({
-            "version": 1,
-            "mesh": mesh,
-            "bootstrap": [a.bootstrap_addr()?],
-            "provisioner": a.peer_id()?,
-            "token": token,
-            "expires_at": now + 600,
-            "identity": "aws",
-        });
+        let mut user_data = blendnet_tests::user_data(&a, &mesh, &token)?;
+        user_data["identity"] = json!("aws");
         let without_identity = {
             let mut u = user_data.clone();
             u.as_object_mut().context("object")?.remove("identity");

@@ -267,18 +267,8 @@ fn an_enrolled_cloud_instance_takes_its_launch_price_from_its_user_data() {
         let (mut a, mesh) = Node::init("provisioner")?;
         a.up(&["--no-render"])?;
         let token = a.invite(&["--ttl", "10m", "--roles", "render"])?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs();
-        let user_data = serde_json::json!({
-            "version": 1,
-            "mesh": mesh,
-            "bootstrap": [a.bootstrap_addr()?],
-            "provisioner": a.peer_id()?,
-            "token": token,
-            "expires_at": now + 600,
-            "price_per_hour_micros": 41_600,
-        });
+        let mut user_data = blendnet_tests::user_data(&a, &mesh, &token)?;
+        user_data["price_per_hour_micros"] = serde_json::json!(41_600);
         let mut instance = Node::new("instance")?;
         let file = instance.data_dir().with_file_name("user-data");
         fs::write(&file, user_data.to_string())?;
