@@ -122,10 +122,6 @@ impl Auth {
         }
     }
 
-    pub fn token(&self) -> &str {
-        &self.token
-    }
-
     /// Records where the page is served; later calls change nothing.
     pub fn set_places(&self, places: Places) {
         let _ = self.places.set(places);
@@ -135,19 +131,7 @@ impl Auth {
     pub fn login(&self) -> LoginView {
         let code = random_hex();
         let now = Instant::now();
-        {
-            let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
-            logins.retain(|_, made| now.duration_since(*made) < LOGIN_TTL);
-            if logins.len() >= MAX_LOGINS
-                && let Some(oldest) = logins
-                    .iter()
-                    .min_by_key(|(_, t)| **t)
-                    .map(|(c, _)| c.clone())
-            {
-                logins.remove(&oldest);
-            }
-            logins.insert(code.clone(), now);
-        }
+        insert_bounded(&self.logins, code.clone(), now, LOGIN_TTL, MAX_LOGINS);
         let path = format!("/login?code={code}");
         let places = self.places.get();
         LoginView {
@@ -177,17 +161,13 @@ impl Auth {
             return None;
         }
         let session = random_hex();
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions.retain(|_, began| now.duration_since(*began) < SESSION_TTL);
-        if sessions.len() >= MAX_SESSIONS
-            && let Some(oldest) = sessions
-                .iter()
-                .min_by_key(|(_, t)| **t)
-                .map(|(s, _)| s.clone())
-        {
-            sessions.remove(&oldest);
-        }
-        sessions.insert(session.clone(), now);
+        insert_bounded(
+            &self.sessions,
+            session.clone(),
+            now,
+            SESSION_TTL,
+            MAX_SESSIONS,
+        );
         Some(session)
     }
 
@@ -227,6 +207,25 @@ impl Auth {
         }
         Ok(self.has_session(headers).then_some(Credential::Session))
     }
+}
+
+/// Adds `key` made at `now` to `map`, after forgetting the entries older than `ttl` and, at
+/// `max` entries, the oldest.
+fn insert_bounded(
+    map: &Mutex<HashMap<String, Instant>>,
+    key: String,
+    now: Instant,
+    ttl: Duration,
+    max: usize,
+) {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    map.retain(|_, made| now.duration_since(*made) < ttl);
+    if map.len() >= max
+        && let Some(oldest) = map.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone())
+    {
+        map.remove(&oldest);
+    }
+    map.insert(key, now);
 }
 
 /// The host part of a link to `addr`: an unspecified address (`0.0.0.0`) becomes this
