@@ -6,8 +6,10 @@ results come back as callbacks that `Session.pump` runs on the main thread, from
 not fire while a script runs).
 """
 
+import atexit
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -45,7 +47,8 @@ class Session:
         self.invite = ""
         self.progress = {}
         self._preview_key = None
-        self._preview_dir = tempfile.mkdtemp(prefix="blendnet-preview-")
+        # Made on the first preview, removed when Blender exits.
+        self._preview_dir = None
 
     # The worker thread.
 
@@ -179,6 +182,9 @@ class Session:
         if key == self._preview_key:
             return
         self._preview_key = key
+        if self._preview_dir is None:
+            self._preview_dir = tempfile.mkdtemp(prefix="blendnet-preview-")
+            atexit.register(shutil.rmtree, self._preview_dir, ignore_errors=True)
         path = os.path.join(self._preview_dir, "preview.png")
         with open(path, "wb") as f:
             f.write(png)

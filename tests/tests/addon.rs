@@ -74,6 +74,9 @@ fn the_addon_starts_a_daemon_renders_a_frame_and_explains_its_errors() {
             "listen = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n",
         )?;
 
+        // Blender's temporary files go here, to check that the add-on leaves none behind.
+        let tmp = work.path().join("tmp");
+        std::fs::create_dir_all(&tmp)?;
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let path = std::env::join_paths(
             std::iter::once(bin.parent().context("bin dir")?.to_path_buf()).chain(
@@ -91,6 +94,7 @@ fn the_addon_starts_a_daemon_renders_a_frame_and_explains_its_errors() {
                 .env("BLENDER_USER_SCRIPTS", work.path().join("scripts"))
                 .env("BLENDER_USER_CONFIG", work.path().join("config"))
                 .env("BLENDNET_DATA_DIR", &data_dir)
+                .env("TMPDIR", &tmp)
                 .env("BLENDNET_BLENDER", blender()),
             ADDON_TESTS_WITHIN,
         )?;
@@ -103,6 +107,13 @@ fn the_addon_starts_a_daemon_renders_a_frame_and_explains_its_errors() {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
+        // The live preview's temporary folder went with Blender.
+        let left: Vec<_> = std::fs::read_dir(&tmp)?
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with("blendnet-preview-"))
+            .collect();
+        ensure!(left.is_empty(), "the add-on left {left:?} behind");
         // Blender is gone; the daemon it started is not.
         ensure!(
             !daemons.pids().is_empty(),
