@@ -149,6 +149,11 @@ fn a_finished_jobs_statistics_add_up() {
                         "a render task without render time: {s}"
                     );
                     ensure!(u(s, "merge_ms")? == 0, "a render task merged: {s}");
+                    // Blender with a scene loaded holds well over 50 MB (about 250 here).
+                    ensure!(
+                        u(s, "peak_memory_bytes")? > 50 << 20,
+                        "Blender's peak memory is not measured: {s}"
+                    );
                     renderers.insert(worker.clone());
                 }
                 // Each report states its worker's price: a's, and none for b.

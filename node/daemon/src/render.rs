@@ -388,6 +388,7 @@ async fn run_task(
         upload_ms: watch.lap(),
         inexact: done.inexact,
         denoise: kept.worker.ready().denoise,
+        peak_memory_bytes: kept.worker.peak_memory_bytes().unwrap_or(0),
         ..TaskStats::default()
     };
     (Some(kept), result.map(|hash| (hash, stats)))

@@ -996,6 +996,7 @@ function tasksTable(view) {
       h('td', {}, peer ? peerLabel(peer, false) : h('span', { class: 'muted' }, '—')),
       h('td', { class: 'num' }, t.task.kind === 'merge' ? '—' : fmtNumber(stats.samples !== undefined ? stats.samples : t.task.samples * t.task.frame_count)),
       phase('wait_ms'), phase('fetch_ms'), phase('blender_start_ms'), phase('render_ms'), phase('upload_ms'), phase('merge_ms'),
+      h('td', { class: 'num', dataset: { field: 'peak_memory_bytes' } }, stats.peak_memory_bytes ? fmtBytes(stats.peak_memory_bytes) : h('span', { class: 'muted' }, '—')),
       h('td', { class: 'num', dataset: { field: 'retries' } }, String(retries)),
       h('td', { class: 'failures' },
         failures.length ? failures.map(([worker, why]) => h('div', { class: 'failure' }, h('strong', {}, peerName(worker)), `: ${why}`)) : h('span', { class: 'muted' }, 'none'),
@@ -1010,6 +1011,7 @@ function tasksTable(view) {
         h('th', { class: 'num', title: 'Queue wait: the lease held before the task started' }, 'Wait'), h('th', { class: 'num', title: 'Fetching the inputs' }, 'Fetch'),
         h('th', { class: 'num', title: 'Starting Blender and loading the scene' }, 'Start'),
         h('th', { class: 'num' }, 'Render'), h('th', { class: 'num', title: 'Storing and announcing the outputs' }, 'Upload'), h('th', { class: 'num' }, 'Merge'),
+        h('th', { class: 'num', title: "Blender's peak memory" }, 'Memory'),
         h('th', { class: 'num' }, 'Retries'), h('th', {}, 'Failures, log'))),
       h('tbody', {}, rows)));
 }

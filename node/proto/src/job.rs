@@ -480,7 +480,9 @@ pub struct TaskStats {
     /// Time to start Blender and load the scene; 0 when a loaded process was reused. For a
     /// merge, 0: Blender starts inside the merge phase.
     pub blender_start_ms: u64,
-    /// Peak memory of the Blender process.
+    /// Peak resident memory of the Blender process that rendered it (so far in its life: a
+    /// Blender kept for the job's next task carries it over); 0 where the system does not
+    /// tell.
     pub peak_memory_bytes: u64,
     /// This slice's samples are not exactly the ones a single render of the frame takes, so the
     /// merged frame equals a local render statistically (same noise level), not pixel for

@@ -403,6 +403,13 @@ impl Worker {
         self.child.id()
     }
 
+    /// Blender's peak resident memory so far, where the system tells it (Linux: `VmHWM` in
+    /// `/proc/PID/status`).
+    pub fn peak_memory_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        vm_hwm_bytes(&status)
+    }
+
     async fn send(&mut self, line: &str) -> std::io::Result<()> {
         self.stdin.write_all(line.as_bytes()).await?;
         self.stdin.flush().await
@@ -490,6 +497,13 @@ fn last_lines(shared: &Shared) -> String {
     log.iter().cloned().collect::<Vec<_>>().join("\n")
 }
 
+/// The `VmHWM` line of a `/proc/PID/status`, in bytes.
+fn vm_hwm_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    let kib = line.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+    Some(kib * 1024)
+}
+
 async fn exit_status(child: &mut Child) -> String {
     match tokio::time::timeout(QUIT_GRACE, child.wait()).await {
         Ok(Ok(status)) => describe(status),
@@ -516,7 +530,15 @@ fn describe(status: ExitStatus) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_samples;
+    use super::{parse_samples, vm_hwm_bytes};
+
+    #[test]
+    fn peak_memory_is_read_from_proc_status() {
+        let status = "Name:\tblender\nVmPeak:\t 2000000 kB\nVmHWM:\t  312448 kB\nVmRSS:\t 1 kB\n";
+        assert_eq!(vm_hwm_bytes(status), Some(312_448 * 1024));
+        assert_eq!(vm_hwm_bytes("Name:\tblender\n"), None);
+        assert_eq!(vm_hwm_bytes("VmHWM:\t lots kB\n"), None);
+    }
 
     #[test]
     fn sample_counts_are_read_from_cycles_progress_lines() {
