@@ -951,11 +951,13 @@ pub(crate) mod fake {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let auth = Arc::new(Auth::new(token.to_owned()));
-        auth.set_places(web::Places {
-            local: addr,
-            remote: None,
-        });
+        let auth = Arc::new(Auth::new(
+            token.to_owned(),
+            web::Places {
+                local: addr,
+                remote: None,
+            },
+        ));
         let task = tokio::spawn(serve(listener, router(auth, FakeBackend), async move {
             let _ = stopped.await;
         }));

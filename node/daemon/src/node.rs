@@ -501,7 +501,26 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding the API to {}", config.api))?;
     let api_addr = listener.local_addr()?;
     let token = api::new_token();
-    let auth = std::sync::Arc::new(crate::web::Auth::new(token.clone()));
+    // The status page for other machines: the same routes over TLS, on the `web` address.
+    let web = match config.web {
+        Some(addr) => {
+            let cert = crate::web::WebCert::load_or_create(&data_dir.path().join("web"), addr)?;
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the status page to {addr}"))?;
+            Some((tcp.local_addr()?, tcp, cert))
+        }
+        None => None,
+    };
+    let auth = std::sync::Arc::new(crate::web::Auth::new(
+        token.clone(),
+        crate::web::Places {
+            local: api_addr,
+            remote: web
+                .as_ref()
+                .map(|(bound, _, cert)| (*bound, cert.fingerprint.clone())),
+        },
+    ));
     let backend = NodeBackend {
         net: net.clone(),
         blobs,
@@ -515,28 +534,14 @@ pub async fn up(data_dir: DataDir, config: Config) -> anyhow::Result<()> {
         },
         cloud: provisioning.then_some(cloud_view),
     };
-    let router = api::router(auth.clone(), backend);
-    // The status page for other machines: the same routes over TLS.
-    let web = match config.web {
-        Some(addr) => {
-            let cert = crate::web::WebCert::load_or_create(&data_dir.path().join("web"), addr)?;
-            let fingerprint = cert.fingerprint.clone();
-            let tcp = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the status page to {addr}"))?;
-            let bound = tcp.local_addr()?;
-            let listener = crate::web::TlsListener::new(tcp, cert)?;
-            let router = router.clone().layer(axum::Extension(crate::web::OverTls));
-            tokio::spawn(api::serve(listener, router, stopped(stop_rx.clone())));
-            tracing::info!(web = %bound, %fingerprint, "status page served over TLS");
-            Some((bound, fingerprint))
-        }
-        None => None,
-    };
-    auth.set_places(crate::web::Places {
-        local: api_addr,
-        remote: web,
-    });
+    let router = api::router(auth, backend);
+    if let Some((bound, tcp, cert)) = web {
+        let fingerprint = cert.fingerprint.clone();
+        let listener = crate::web::TlsListener::new(tcp, cert)?;
+        let router = router.clone().layer(axum::Extension(crate::web::OverTls));
+        tokio::spawn(api::serve(listener, router, stopped(stop_rx.clone())));
+        tracing::info!(web = %bound, %fingerprint, "status page served over TLS");
+    }
     let api_task = tokio::spawn(api::serve(listener, router, stopped(stop_rx.clone())));
     api::publish(&data_dir, api_addr, &token).context("publishing the API address")?;
     tracing::info!(api = %api_addr, "local API ready");

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::Query;
@@ -71,8 +71,8 @@ pub struct Auth {
     logins: Mutex<HashMap<String, Instant>>,
     /// Session id → when it began.
     sessions: Mutex<HashMap<String, Instant>>,
-    /// Where the page is, for the login links; set once the listeners are bound.
-    places: OnceLock<Places>,
+    /// Where the page is, for the login links.
+    places: Places,
 }
 
 /// The addresses the page is served on.
@@ -113,18 +113,13 @@ fn random_hex() -> String {
 }
 
 impl Auth {
-    pub fn new(token: String) -> Auth {
+    pub fn new(token: String, places: Places) -> Auth {
         Auth {
             token,
             logins: Mutex::default(),
             sessions: Mutex::default(),
-            places: OnceLock::new(),
+            places,
         }
-    }
-
-    /// Records where the page is served; later calls change nothing.
-    pub fn set_places(&self, places: Places) {
-        let _ = self.places.set(places);
     }
 
     /// Makes a one-time login link.
@@ -133,18 +128,11 @@ impl Auth {
         let now = Instant::now();
         insert_bounded(&self.logins, code.clone(), now, LOGIN_TTL, MAX_LOGINS);
         let path = format!("/login?code={code}");
-        let places = self.places.get();
+        let remote = self.places.remote.as_ref();
         LoginView {
-            url: match places {
-                Some(p) => format!("http://{}{path}", p.local),
-                None => path.clone(),
-            },
-            remote_url: places
-                .and_then(|p| p.remote.as_ref())
-                .map(|(addr, _)| format!("https://{}{path}", link_host(*addr))),
-            fingerprint: places
-                .and_then(|p| p.remote.as_ref())
-                .map(|(_, f)| f.clone()),
+            url: format!("http://{}{path}", self.places.local),
+            remote_url: remote.map(|(addr, _)| format!("https://{}{path}", link_host(*addr))),
+            fingerprint: remote.map(|(_, f)| f.clone()),
             expires_in_secs: LOGIN_TTL.as_secs(),
         }
     }
@@ -513,9 +501,16 @@ impl axum::serve::Listener for TlsListener {
 mod tests {
     use super::*;
 
+    fn places() -> Places {
+        Places {
+            local: "127.0.0.1:7742".parse().unwrap(),
+            remote: None,
+        }
+    }
+
     #[test]
     fn a_login_code_older_than_its_lifetime_is_refused() {
-        let auth = Auth::new("t".into());
+        let auth = Auth::new("t".into(), places());
         let login = auth.login();
         let code = login.url.rsplit_once("code=").unwrap().1.to_owned();
         let made = Instant::now()
@@ -529,7 +524,7 @@ mod tests {
 
     #[test]
     fn a_session_older_than_its_lifetime_is_no_session() {
-        let auth = Auth::new("t".into());
+        let auth = Auth::new("t".into(), places());
         let login = auth.login();
         let code = login.url.rsplit_once("code=").unwrap().1;
         let session = auth.redeem(code).unwrap();
@@ -548,7 +543,7 @@ mod tests {
 
     #[test]
     fn login_links_outstanding_are_bounded() {
-        let auth = Auth::new("t".into());
+        let auth = Auth::new("t".into(), places());
         let first = auth.login();
         for _ in 0..MAX_LOGINS {
             auth.login();
