@@ -45,7 +45,8 @@ pub struct RenderTask {
     pub mode: SliceMode,
     /// The frames to render, in order.
     pub frames: Vec<i32>,
-    /// Slice length ([`SliceMode::Slice`] only).
+    /// [`SliceMode::Slice`]: the slice length. [`SliceMode::Frames`]: the frames' sample
+    /// count on a Cycles scene (the job's), or 0 for the scene's own.
     pub samples: u32,
     /// The frame's samples in all, of which the slice is a part ([`SliceMode::Slice`] only; 0
     /// when unknown): whether slices are exact depends on it.

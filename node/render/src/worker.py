@@ -12,7 +12,8 @@ A task renders in one of two modes:
   `frame_NNNNNN.exr` with every enabled pass; adaptive sampling, denoising (its passes kept),
   compositor and sequencer off. Slices are merged and finished elsewhere (finish.py).
 - "frames": whole frames, each written as `blender -b scene.blend -f N` writes it: the scene's
-  own samples, denoising, compositor, sequencer, output format and color management, named
+  own samples (or, for Cycles, the task's `samples` when above 0: the job's sample count),
+  denoising, compositor, sequencer, output format and color management, named
   as Blender names frames (the file name of the scene's output path with the frame number and
   extension), in the task's output directory.
 
@@ -235,6 +236,10 @@ def render(task):
         reason = cannot_denoise(scene)
         if reason:
             return fail(task_id, "denoiser_missing", reason)
+        # The job's sample count (`render --samples`) over the scene's, for Cycles; 0 keeps
+        # the scene's. Other engines' jobs carry no sample count of their own.
+        if task.get("samples", 0) > 0 and scene.render.engine == "CYCLES":
+            scene.cycles.samples = task["samples"]
         output_path = frame_path
 
     send("started", id=task_id)

@@ -416,6 +416,37 @@ fn frames(id: u64, dir: &Path, frames: Vec<i32>) -> RenderTask {
     }
 }
 
+/// The sample counts a task's progress lines report.
+async fn sample_totals(worker: &mut Worker, task: &RenderTask) -> std::collections::BTreeSet<u32> {
+    let mut totals = std::collections::BTreeSet::new();
+    worker
+        .render(task, |p| {
+            if let Progress::Samples { total, .. } = p {
+                totals.insert(total);
+            }
+        })
+        .await
+        .unwrap();
+    totals
+}
+
+/// A whole-frame task renders the job's sample count (`render --samples`), not the scene's,
+/// and the next task without one is back at the scene's.
+#[tokio::test]
+async fn whole_frames_render_the_jobs_sample_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let scene = composited_png_scene(dir.path(), "shot", "");
+    let mut worker = Worker::start(&blender(), &scene, dir.path()).await.unwrap();
+    let asked = RenderTask {
+        samples: 3,
+        ..frames(1, dir.path(), vec![2])
+    };
+    assert_eq!(sample_totals(&mut worker, &asked).await, [3].into());
+    // The scene's own 4 samples again.
+    let own = frames(2, dir.path(), vec![2]);
+    assert_eq!(sample_totals(&mut worker, &own).await, [4].into());
+}
+
 /// A scene that writes 8-bit RGBA PNGs named `//out/shot_####.png`, through a compositor
 /// that inverts the render (Render Layers -> Invert -> Composite), then `extra` Python.
 fn composited_png_scene(dir: &Path, name: &str, extra: &str) -> PathBuf {
