@@ -29,6 +29,10 @@ pub const POLL: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an IMDSv2 session token is asked to last (seconds); renewed well before.
 const AWS_TOKEN_TTL_SECS: u64 = 21_600;
+/// The header that carries an IMDSv2 session token.
+const AWS_TOKEN_HEADER: &str = "X-aws-ec2-metadata-token";
+/// The header every GCE metadata request must carry.
+const GCP_FLAVOR: (&str, &str) = ("Metadata-Flavor", "Google");
 
 /// Which cloud's notices to watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,32 +131,22 @@ impl Watcher {
             .as_ref()
             .is_some_and(|(_, at)| at.elapsed() < renew_after);
         if !fresh {
-            let request = Request::builder()
-                .method(Method::PUT)
-                .uri(format!("{}/latest/api/token", self.root))
-                .header(
-                    "X-aws-ec2-metadata-token-ttl-seconds",
-                    AWS_TOKEN_TTL_SECS.to_string(),
-                )
-                .body(Empty::new())
-                .map_err(|e| e.to_string())?;
-            let (status, body) = self.send(request).await?;
-            if status != StatusCode::OK {
-                return Err(format!("IMDSv2 token: HTTP {status}: {body}"));
-            }
-            *token = Some((body.trim().to_owned(), tokio::time::Instant::now()));
+            let value = self.aws_token(AWS_TOKEN_TTL_SECS).await?;
+            *token = Some((value, tokio::time::Instant::now()));
         }
         let value = token.as_ref().map(|(t, _)| t.clone()).unwrap_or_default();
         for (kind, path) in [
             ("spot/instance-action", "spot/instance-action"),
             ("rebalance", "events/recommendations/rebalance"),
         ] {
-            let request = Request::builder()
-                .uri(format!("{}/latest/meta-data/{path}", self.root))
-                .header("X-aws-ec2-metadata-token", &value)
-                .body(Empty::new())
-                .map_err(|e| e.to_string())?;
-            match self.send(request).await? {
+            let asked = self
+                .get(
+                    Method::GET,
+                    &format!("latest/meta-data/{path}"),
+                    (AWS_TOKEN_HEADER, &value),
+                )
+                .await?;
+            match asked {
                 (StatusCode::OK, detail) => return Ok(Some(Notice { kind, detail })),
                 (StatusCode::NOT_FOUND, _) => {}
                 (StatusCode::UNAUTHORIZED, _) => {
@@ -167,15 +161,14 @@ impl Watcher {
     }
 
     async fn gcp_once(&self) -> Result<Option<Notice>, String> {
-        let request = Request::builder()
-            .uri(format!(
-                "{}/computeMetadata/v1/instance/preempted",
-                self.root
-            ))
-            .header("Metadata-Flavor", "Google")
-            .body(Empty::new())
-            .map_err(|e| e.to_string())?;
-        match self.send(request).await? {
+        let asked = self
+            .get(
+                Method::GET,
+                "computeMetadata/v1/instance/preempted",
+                GCP_FLAVOR,
+            )
+            .await?;
+        match asked {
             (StatusCode::OK, body) if body.trim() == "TRUE" => Ok(Some(Notice {
                 kind: "preempted",
                 detail: body.trim().to_owned(),
@@ -194,27 +187,17 @@ impl Watcher {
         use blendnet_proto::wire::IdentityProof;
         match self.cloud {
             Cloud::Aws => {
-                let request = Request::builder()
-                    .method(Method::PUT)
-                    .uri(format!("{}/latest/api/token", self.root))
-                    .header("X-aws-ec2-metadata-token-ttl-seconds", "60")
-                    .body(Empty::new())
-                    .map_err(|e| e.to_string())?;
-                let (status, token) = self.send(request).await?;
-                if status != StatusCode::OK {
-                    return Err(format!("IMDSv2 token: HTTP {status}: {token}"));
-                }
+                let token = self.aws_token(60).await?;
                 let mut parts = Vec::new();
                 for part in ["document", "signature"] {
-                    let request = Request::builder()
-                        .uri(format!(
-                            "{}/latest/dynamic/instance-identity/{part}",
-                            self.root
-                        ))
-                        .header("X-aws-ec2-metadata-token", token.trim())
-                        .body(Empty::new())
-                        .map_err(|e| e.to_string())?;
-                    match self.send(request).await? {
+                    let asked = self
+                        .get(
+                            Method::GET,
+                            &format!("latest/dynamic/instance-identity/{part}"),
+                            (AWS_TOKEN_HEADER, &token),
+                        )
+                        .await?;
+                    match asked {
                         (StatusCode::OK, body) => parts.push(body),
                         (status, body) => {
                             return Err(format!("instance-identity/{part}: HTTP {status}: {body}"));
@@ -229,15 +212,16 @@ impl Watcher {
                 })
             }
             Cloud::Gcp => {
-                let request = Request::builder()
-                    .uri(format!(
-                        "{}/computeMetadata/v1/instance/service-accounts/default/identity?audience={audience}&format=full",
-                        self.root
-                    ))
-                    .header("Metadata-Flavor", "Google")
-                    .body(Empty::new())
-                    .map_err(|e| e.to_string())?;
-                match self.send(request).await? {
+                let asked = self
+                    .get(
+                        Method::GET,
+                        &format!(
+                            "computeMetadata/v1/instance/service-accounts/default/identity?audience={audience}&format=full"
+                        ),
+                        GCP_FLAVOR,
+                    )
+                    .await?;
+                match asked {
                     (StatusCode::OK, token) => Ok(IdentityProof::Gcp {
                         token: token.trim().to_owned(),
                     }),
@@ -245,6 +229,38 @@ impl Watcher {
                 }
             }
         }
+    }
+
+    /// A new IMDSv2 session token that lasts `ttl_secs`.
+    async fn aws_token(&self, ttl_secs: u64) -> Result<String, String> {
+        let ttl = ttl_secs.to_string();
+        match self
+            .get(
+                Method::PUT,
+                "latest/api/token",
+                ("X-aws-ec2-metadata-token-ttl-seconds", &ttl),
+            )
+            .await?
+        {
+            (StatusCode::OK, token) => Ok(token.trim().to_owned()),
+            (status, body) => Err(format!("IMDSv2 token: HTTP {status}: {body}")),
+        }
+    }
+
+    /// Asks the metadata server for `path` (under its root) with one header.
+    async fn get(
+        &self,
+        method: Method,
+        path: &str,
+        (name, value): (&str, &str),
+    ) -> Result<(StatusCode, String), String> {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{}/{path}", self.root))
+            .header(name, value)
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        self.send(request).await
     }
 
     async fn send(&self, request: Request<Empty<Bytes>>) -> Result<(StatusCode, String), String> {
