@@ -291,21 +291,28 @@ fn the_status_page_shows_the_mesh_its_jobs_and_their_previews_and_cancels_a_job(
             let digest = attr_of(br, "#preview", "data-digest")?;
             Ok((digest, br.element_screenshot(&br.find("#preview")?)?))
         })?;
-        let second = wait(&browser, "the preview to change", JOB_WITHIN, |br| {
-            let digest = attr_of(br, "#preview", "data-digest")?;
-            ensure!(digest != first.0, "the preview is still {digest}");
-            Ok((digest, br.element_screenshot(&br.find("#preview")?)?))
-        })?;
-        ensure!(
-            first.1 != second.1,
-            "the preview's bytes changed ({} → {}) but the image on the page looks the same",
-            first.0,
-            second.0
-        );
+        // The new image may reach the screen a frame after its digest does: what must change
+        // within the wait is what is shown, not only the bytes fetched.
+        let second = wait(
+            &browser,
+            "the image on the page to change",
+            JOB_WITHIN,
+            |br| {
+                let digest = attr_of(br, "#preview", "data-digest")?;
+                ensure!(digest != first.0, "the preview is still {digest}");
+                let shot = br.element_screenshot(&br.find("#preview")?)?;
+                ensure!(
+                    shot != first.1,
+                    "the preview's bytes changed ({} → {digest}) but the image on the page looks the same",
+                    first.0
+                );
+                Ok(digest)
+            },
+        )?;
         eprintln!(
             "preview changed {} → {} after {:.1?}",
             first.0,
-            second.0,
+            second,
             started.elapsed()
         );
 

@@ -918,11 +918,10 @@ async function loadPreview(signature) {
     if (digest !== p.digest) {
       const url = URL.createObjectURL(new Blob([bytes], { type: 'image/png' }));
       const img = $('#preview');
-      await new Promise((resolve) => {
-        img.onload = resolve;
-        img.onerror = resolve;
-        img.src = url;
-      });
+      img.src = url;
+      // Marked as shown (data-digest) only once decoded, so the old image is never the one on
+      // screen under the new digest.
+      await img.decode().catch(() => {});
       if (p.url) URL.revokeObjectURL(p.url);
       p.url = url;
       p.digest = digest;
