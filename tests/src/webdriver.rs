@@ -63,6 +63,9 @@ pub struct Browser {
     driver: Child,
     addr: SocketAddr,
     session: String,
+    /// chromedriver's and Chromium's `TMPDIR`: Chromium's profile and sockets, which a killed
+    /// Chromium leaves behind, go with it.
+    _temp: tempfile::TempDir,
 }
 
 /// A binary from `env`, else `default`; an error naming the Debian package when neither exists.
@@ -98,8 +101,13 @@ impl Browser {
         )?;
         let port = free_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let temp = tempfile::Builder::new()
+            .prefix("blendnet-chromium-")
+            .tempdir()
+            .context("cannot make Chromium's temporary folder")?;
         let driver = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
+            .env("TMPDIR", temp.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -109,6 +117,7 @@ impl Browser {
             driver,
             addr,
             session: String::new(),
+            _temp: temp,
         };
         browser.wait_ready()?;
         let (w, h) = WINDOW;

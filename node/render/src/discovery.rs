@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::Devices;
+use crate::scratch::Scratch;
 
 /// Environment variable naming the Blender executable when the config does not.
 pub const BLENDER_ENV: &str = "BLENDNET_BLENDER";
@@ -299,7 +300,9 @@ fn probe(
     timeout: Duration,
 ) -> Result<(ExitStatus, String), ProbeError> {
     let deadline = Instant::now() + timeout;
-    let mut child = Command::new(program)
+    let scratch = Scratch::new().map_err(ProbeError::Spawn)?;
+    let mut child = scratch
+        .apply_std(&mut Command::new(program))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -29,6 +29,7 @@ pub mod discovery;
 pub mod finish;
 mod oneshot;
 pub mod protocol;
+mod scratch;
 pub mod worker;
 
 pub use collect::{

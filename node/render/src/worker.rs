@@ -17,6 +17,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
 use crate::protocol::{ErrorKind, MAX_REPLY_BYTES, Ready, RenderTask, Reply, Request};
+use crate::scratch::Scratch;
 
 /// Blender log lines kept for a crash report: enough for a traceback or an allocator's last
 /// words, few enough to show in a task's error.
@@ -158,6 +159,8 @@ struct Shared {
 #[derive(Debug)]
 pub struct Worker {
     child: Child,
+    /// Blender's temporary folder; declared after `child`, so removed after it is killed.
+    _scratch: Scratch,
     stdin: ChildStdin,
     replies: mpsc::Receiver<Output>,
     shared: Arc<Shared>,
@@ -192,8 +195,14 @@ impl Worker {
                 .await
                 .map_err(|source| StartError::Script { path, source })?;
         }
+        let spawn_error = |source| StartError::Spawn {
+            blender: blender.to_owned(),
+            source,
+        };
+        let scratch = Scratch::new().map_err(spawn_error)?;
         let mut command = Command::new(blender);
-        command
+        scratch
+            .apply(&mut command)
             .arg("--factory-startup")
             .arg("-b")
             .arg("-Y")
@@ -210,10 +219,7 @@ impl Worker {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| StartError::Spawn {
-                blender: blender.to_owned(),
-                source,
-            })?;
+            .map_err(spawn_error)?;
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -279,6 +285,7 @@ impl Worker {
         tracing::debug!(blender = %ready.blender, scene = %scene.display(), "worker ready");
         Ok(Worker {
             child,
+            _scratch: scratch,
             stdin,
             replies,
             shared,

@@ -302,9 +302,26 @@ async fn a_crash_is_reported_with_blenders_last_lines_and_a_kill_is_quick() {
         other => panic!("expected a crash, got {other:?}"),
     }
 
-    // Cancellation: the daemon kills the worker; Blender is gone within 5 s.
+    // Cancellation: the daemon kills the worker; Blender is gone within 5 s, and so is the
+    // temporary folder it was given (Blender removes its own only when it exits by itself).
     let mut worker = Worker::start(&blender(), &scene, dir.path()).await.unwrap();
     let pid = worker.pid().unwrap();
+    let temp = blenders_temp_dir(pid);
+    assert!(
+        temp.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("blendnet-blender-")),
+        "Blender's TMPDIR is {}",
+        temp.display()
+    );
+    let blenders_own = std::fs::read_dir(&temp)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with("blender_"));
+    assert!(
+        blenders_own,
+        "Blender made its folder in {}",
+        temp.display()
+    );
     let task = slice(2, dir.path(), 0, 1_000_000);
     let render = worker.render(&task, |_| {});
     assert!(
@@ -319,6 +336,18 @@ async fn a_crash_is_reported_with_blenders_last_lines_and_a_kill_is_quick() {
         !Path::new(&format!("/proc/{pid}")).exists(),
         "Blender still runs"
     );
+    drop(worker);
+    assert!(!temp.exists(), "{} is left behind", temp.display());
+}
+
+/// The `TMPDIR` process `pid` was started with.
+fn blenders_temp_dir(pid: u32) -> PathBuf {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    environ
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(b"TMPDIR="))
+        .map(|dir| PathBuf::from(String::from_utf8_lossy(dir).into_owned()))
+        .expect("Blender is given a TMPDIR")
 }
 
 #[tokio::test]

@@ -1,0 +1,40 @@
+//! A temporary folder of Blender's own, removed with the process.
+//!
+//! Blender makes `$TMPDIR/blender_XXXXXX` at start and removes it only when it exits on its
+//! own; a Blender that is killed (a cancelled task, a hang, a preempted render) leaves it
+//! behind. A render node kills Blender often, so each Blender it starts gets a fresh folder as
+//! its `TMPDIR`, and the folder goes when the [`Scratch`] that made it is dropped: after the
+//! process, since its owner holds the child first.
+
+use std::path::Path;
+use std::process::Command as StdCommand;
+
+use tokio::process::Command;
+
+/// The folder, removed (with whatever Blender left in it) when dropped.
+#[derive(Debug)]
+pub(crate) struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    /// A new folder in the system's temporary folder.
+    pub(crate) fn new() -> std::io::Result<Scratch> {
+        tempfile::Builder::new()
+            .prefix("blendnet-blender-")
+            .tempdir()
+            .map(Scratch)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// Points `command`'s temporary folder here.
+    pub(crate) fn apply<'c>(&self, command: &'c mut Command) -> &'c mut Command {
+        command.env("TMPDIR", self.path())
+    }
+
+    /// [`Scratch::apply`] for a blocking command.
+    pub(crate) fn apply_std<'c>(&self, command: &'c mut StdCommand) -> &'c mut StdCommand {
+        command.env("TMPDIR", self.path())
+    }
+}
