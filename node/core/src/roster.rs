@@ -1,10 +1,18 @@
 //! The roster: who belongs to the mesh, with which roles.
 //!
-//! It is a state-based CRDT: a grow-only set of certificates and a grow-only set of
-//! revocations, merged by union. A peer is a member at time `now` if it holds a current
-//! certificate and no revocation names it, so a revocation wins over any certificate, in any
-//! order of arrival. Only entries signed by the mesh key get in; everything else is refused
-//! with the reason, and changes nothing.
+//! It is a state-based CRDT: a set of certificates and a grow-only set of revocations, merged
+//! by union. A peer is a member at time `now` if it holds a current certificate and no
+//! revocation names it, so a revocation wins over any certificate, in any order of arrival.
+//! Only entries signed by the mesh key get in; everything else is refused with the reason,
+//! and changes nothing.
+//!
+//! Certificates that can no longer change an answer are not kept: those of a revoked peer,
+//! and one that another certificate of its peer supersedes (every role of it, for
+//! at least as long: a renewal). A cloud instance is re-certified every few hours while it
+//! lives, and the mesh never forgets a certificate it keeps, so a grow-only set held every
+//! renewal of every instance ever started: some 6,000 certificates make a megabyte, the
+//! largest admission offer. What is kept is a function of the union of what was seen, so
+//! merging stays commutative, associative and idempotent.
 
 use blendnet_proto::cert::VerifyError;
 use blendnet_proto::{
@@ -63,6 +71,18 @@ impl Changes {
     }
 }
 
+/// Whether certificate `a` makes `b` redundant: the same peer, every role of `b`, valid at
+/// least as long, and not the same certificate. Of two that grant the same for as long, the
+/// greater (in `Ord`) is kept, whichever arrived first. A strict partial order, so that what a
+/// roster keeps does not depend on the order entries arrived in.
+fn supersedes(a: &Certificate, b: &Certificate) -> bool {
+    let (a_body, b_body) = (&a.body, &b.body);
+    a_body.peer == b_body.peer
+        && a_body.roles.covers(b_body.roles)
+        && a_body.not_after >= b_body.not_after
+        && (a_body.roles != b_body.roles || a_body.not_after != b_body.not_after || a > b)
+}
+
 /// The roster of one mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Roster {
@@ -88,14 +108,53 @@ impl Roster {
         self.mesh
     }
 
-    /// Adds a certificate after checking its signature. `Ok(true)` if it was new.
+    /// Adds a certificate after checking its signature. `Ok(true)` if it was new and is
+    /// kept (not for a revoked peer, not superseded by one already here); the certificates it
+    /// supersedes go.
     pub fn insert_certificate(&mut self, cert: Certificate) -> Result<bool, RosterError> {
         cert.verify(&self.mesh)
             .map_err(|source| RosterError::BadCertificate {
                 peer: cert.body.peer,
                 source,
             })?;
-        Ok(self.certificates.insert(cert))
+        Ok(self.keep(cert))
+    }
+
+    /// Adds a verified certificate unless it changes nothing; see [`insert_certificate`].
+    ///
+    /// [`insert_certificate`]: Roster::insert_certificate
+    fn keep(&mut self, cert: Certificate) -> bool {
+        let peer = cert.body.peer;
+        if self.is_revoked(&peer) || self.certificates_of(&peer).any(|c| supersedes(c, &cert)) {
+            return false;
+        }
+        let superseded: Vec<Certificate> = self
+            .certificates_of(&peer)
+            .filter(|c| supersedes(&cert, c))
+            .cloned()
+            .collect();
+        for old in &superseded {
+            self.certificates.remove(old);
+        }
+        self.certificates.insert(cert)
+    }
+
+    /// The certificates of `peer`.
+    fn certificates_of<'a>(&'a self, peer: &'a PeerId) -> impl Iterator<Item = &'a Certificate> {
+        self.certificates
+            .iter()
+            .filter(move |c| c.body.peer == *peer)
+    }
+
+    /// Records that `rev`'s peer is revoked (if it was not) and drops its certificates.
+    fn revoke(&mut self, rev: Revocation) -> bool {
+        let peer = rev.body.peer;
+        if self.revocations.contains_key(&peer) {
+            return false;
+        }
+        self.certificates.retain(|c| c.body.peer != peer);
+        self.revocations.insert(peer, rev);
+        true
     }
 
     /// Adds a revocation after checking its signature. `Ok(true)` if the peer was not yet revoked.
@@ -105,11 +164,7 @@ impl Roster {
                 peer: rev.body.peer,
                 source,
             })?;
-        if self.revocations.contains_key(&rev.body.peer) {
-            return Ok(false);
-        }
-        self.revocations.insert(rev.body.peer, rev);
-        Ok(true)
+        Ok(self.revoke(rev))
     }
 
     /// Adds every valid entry of `snapshot`; returns what was new, and the errors of the
@@ -117,16 +172,17 @@ impl Roster {
     pub fn apply(&mut self, snapshot: RosterSnapshot) -> (Changes, Vec<RosterError>) {
         let mut changes = Changes::default();
         let mut errors = Vec::new();
-        for cert in snapshot.certificates {
-            match self.insert_certificate(cert.clone()) {
-                Ok(true) => changes.certificates.push(cert),
+        // Revocations first: a revoked peer's certificates are not kept.
+        for rev in snapshot.revocations {
+            match self.insert_revocation(rev.clone()) {
+                Ok(true) => changes.revocations.push(rev),
                 Ok(false) => {}
                 Err(e) => errors.push(e),
             }
         }
-        for rev in snapshot.revocations {
-            match self.insert_revocation(rev.clone()) {
-                Ok(true) => changes.revocations.push(rev),
+        for cert in snapshot.certificates {
+            match self.insert_certificate(cert.clone()) {
+                Ok(true) => changes.certificates.push(cert),
                 Ok(false) => {}
                 Err(e) => errors.push(e),
             }
@@ -141,11 +197,6 @@ impl Roster {
             return Changes::default();
         }
         let mut changes = Changes::default();
-        for cert in &other.certificates {
-            if self.certificates.insert(cert.clone()) {
-                changes.certificates.push(cert.clone());
-            }
-        }
         for (peer, rev) in &other.revocations {
             // Keep the smaller of two revocations of the same peer, so that merge does not
             // depend on the order of arrival (any one revocation is enough).
@@ -155,9 +206,14 @@ impl Roster {
                     self.revocations.insert(*peer, rev.clone());
                 }
                 None => {
-                    self.revocations.insert(*peer, rev.clone());
+                    self.revoke(rev.clone());
                     changes.revocations.push(rev.clone());
                 }
+            }
+        }
+        for cert in &other.certificates {
+            if self.keep(cert.clone()) {
+                changes.certificates.push(cert.clone());
             }
         }
         changes
@@ -260,6 +316,9 @@ mod tests {
     use proptest::prelude::*;
     use std::sync::OnceLock;
 
+    /// Certificates the world holds for each of its peers.
+    const CERTS_PER_PEER: usize = 5;
+
     /// A fixed mesh key and peers, so proptest only chooses which entries to combine.
     struct World {
         key: MeshKey,
@@ -273,20 +332,23 @@ mod tests {
         W.get_or_init(|| {
             let key = MeshKey::generate();
             let peers: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+            let render = Roles::from(Role::Render);
+            let member = Roles::default_member();
             let mut certs = Vec::new();
             for (i, p) in peers.iter().enumerate() {
-                for serial in 0..3u64 {
-                    let roles = if serial == 0 {
-                        Roles::from(Role::Render)
-                    } else {
-                        Roles::default_member()
-                    };
-                    certs.push(key.certify(
-                        *p,
-                        roles,
-                        1_000 + 100 * serial,
-                        serial + 10 * i as u64,
-                    ));
+                // Renewals (each supersedes the one before), one that outlasts them with
+                // fewer roles (supersedes none of them, nor they it) and a twin (the same grant
+                // under another serial).
+                let grants = [
+                    (render, 1_000),
+                    (member, 1_100),
+                    (member, 1_200),
+                    (render, 1_300),
+                    (member, 1_200),
+                ];
+                assert_eq!(grants.len(), CERTS_PER_PEER);
+                for (serial, (roles, not_after)) in grants.into_iter().enumerate() {
+                    certs.push(key.certify(*p, roles, not_after, serial as u64 + 10 * i as u64));
                 }
             }
             let revs = peers
@@ -369,9 +431,11 @@ mod tests {
             // Events 0..6: the peer's three certificates and other peers' certificates;
             // event 6: the revocation of the peer.
             let mut events: Vec<Entry> = (0..3)
-                .map(|s| Entry::Cert(w.certs[peer * 3 + s].clone()))
+                .map(|s| Entry::Cert(w.certs[peer * CERTS_PER_PEER + s].clone()))
                 .collect();
-            events.extend((0..3).map(|s| Entry::Cert(w.certs[((peer + 1) % 4) * 3 + s].clone())));
+            events.extend(
+                (0..3).map(|s| Entry::Cert(w.certs[((peer + 1) % 4) * CERTS_PER_PEER + s].clone())),
+            );
             events.push(Entry::Rev(w.revs[peer * 2].clone()));
             order.truncate(7);
             let (first, second) = order.split_at(split.min(order.len()));
@@ -391,6 +455,73 @@ mod tests {
             prop_assert!(!m.members(now).contains_key(&p));
             prop_assert!(m.authorize(&p, Topic::Status, now).is_err());
         }
+
+        /// The certificates a roster lets go change no answer: at any time, every peer has
+        /// the roles that all the certificates it was given would give it.
+        #[test]
+        fn what_is_not_kept_changes_no_answer(
+            certs in prop::collection::vec(0usize..64, 0..12),
+            revs in prop::collection::vec(0usize..64, 0..2),
+            now in 900u64..1_400,
+        ) {
+            let w = world();
+            let r = roster_of(&certs, &revs);
+            let revoked: BTreeSet<PeerId> =
+                revs.iter().map(|&i| w.revs[i % w.revs.len()].body.peer).collect();
+            for p in &w.peers {
+                let all = certs
+                    .iter()
+                    .map(|&i| &w.certs[i % w.certs.len()])
+                    .filter(|c| c.body.peer == *p && c.is_current(now) && !revoked.contains(p))
+                    .map(|c| c.body.roles)
+                    .reduce(|a, b| a | b);
+                prop_assert_eq!(r.roles(p, now), all);
+            }
+            // And nothing kept is superseded by another kept one.
+            let kept = r.snapshot().certificates;
+            for a in &kept {
+                prop_assert!(!kept.iter().any(|b| supersedes(b, a)));
+            }
+        }
+    }
+
+    #[test]
+    fn renewals_replace_what_they_supersede_and_a_revocation_drops_the_rest() {
+        let w = world();
+        let key = &w.key;
+        let instance = PeerId::random();
+        let mut r = roster_of(&[0, 5], &[]);
+        let others = r.snapshot().certificates.len();
+        // An instance re-certified every three hours for a year, each certificate for six.
+        for renewal in 0..2_920u64 {
+            let cert = key.certify(
+                instance,
+                Roles::from(Role::Render),
+                21_600 + 10_800 * renewal,
+                renewal,
+            );
+            assert!(
+                r.insert_certificate(cert).unwrap(),
+                "renewal {renewal} is news"
+            );
+        }
+        assert_eq!(
+            r.snapshot().certificates.len(),
+            others + 1,
+            "one certificate per peer"
+        );
+        // An older one arriving late changes nothing and is not news.
+        let late = key.certify(instance, Roles::from(Role::Render), 21_600, 77_777);
+        assert!(!r.insert_certificate(late).unwrap());
+        assert!(r.is_member(&instance, 21_600 + 10_800 * 2_919));
+
+        // Terminated: revoked; its certificate goes, and none is taken for it again.
+        assert!(r.insert_revocation(key.revoke(instance, 5)).unwrap());
+        assert_eq!(r.snapshot().certificates.len(), others);
+        let again = key.certify(instance, Roles::default_member(), u64::MAX, 1);
+        assert!(!r.insert_certificate(again).unwrap());
+        assert!(!r.is_member(&instance, 0));
+        assert_eq!(r.len(), others + 1);
     }
 
     #[test]

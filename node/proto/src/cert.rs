@@ -69,6 +69,11 @@ impl Roles {
         self.0 & role.bit() != 0
     }
 
+    /// Whether every role of `other` is in this set.
+    pub fn covers(self, other: Roles) -> bool {
+        self.0 & other.0 == other.0
+    }
+
     /// Whether the two sets share a role.
     pub fn intersects(self, other: Roles) -> bool {
         self.0 & other.0 != 0
