@@ -4,7 +4,9 @@
 //! own; a Blender that is killed (a cancelled task, a hang, a preempted render) leaves it
 //! behind. A render node kills Blender often, so each Blender it starts gets a fresh folder as
 //! its `TMPDIR`, and the folder goes when the [`Scratch`] that made it is dropped: after the
-//! process, since its owner holds the child first.
+//! process, since its owner holds the child first. A daemon that is itself killed drops
+//! nothing, so a worker's folder is made in its own directory (the job's), where it goes
+//! with the job's files rather than stay in the system's temporary folder.
 
 use std::path::Path;
 use std::process::Command as StdCommand;
@@ -18,10 +20,18 @@ pub(crate) struct Scratch(tempfile::TempDir);
 impl Scratch {
     /// A new folder in the system's temporary folder.
     pub(crate) fn new() -> std::io::Result<Scratch> {
-        tempfile::Builder::new()
-            .prefix("blendnet-blender-")
-            .tempdir()
-            .map(Scratch)
+        Scratch::builder().tempdir().map(Scratch)
+    }
+
+    /// A new folder in `dir`.
+    pub(crate) fn new_in(dir: &Path) -> std::io::Result<Scratch> {
+        Scratch::builder().tempdir_in(dir).map(Scratch)
+    }
+
+    fn builder() -> tempfile::Builder<'static, 'static> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("blendnet-blender-");
+        builder
     }
 
     pub(crate) fn path(&self) -> &Path {

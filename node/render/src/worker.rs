@@ -199,7 +199,7 @@ impl Worker {
             blender: blender.to_owned(),
             source,
         };
-        let scratch = Scratch::new().map_err(spawn_error)?;
+        let scratch = Scratch::new_in(dir).map_err(spawn_error)?;
         let mut command = Command::new(blender);
         scratch
             .apply(&mut command)

@@ -308,9 +308,11 @@ async fn a_crash_is_reported_with_blenders_last_lines_and_a_kill_is_quick() {
     let pid = worker.pid().unwrap();
     let temp = blenders_temp_dir(pid);
     assert!(
-        temp.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("blendnet-blender-")),
-        "Blender's TMPDIR is {}",
+        temp.parent() == Some(dir.path())
+            && temp
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("blendnet-blender-")),
+        "Blender's TMPDIR is {}, not a folder of its own in the worker's",
         temp.display()
     );
     let blenders_own = std::fs::read_dir(&temp)
