@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::Devices;
-use crate::scratch::Scratch;
+use crate::scratch::{Scratch, TMPDIR};
 
 /// Environment variable naming the Blender executable when the config does not.
 pub const BLENDER_ENV: &str = "BLENDNET_BLENDER";
@@ -301,8 +301,8 @@ fn probe(
 ) -> Result<(ExitStatus, String), ProbeError> {
     let deadline = Instant::now() + timeout;
     let scratch = Scratch::new().map_err(ProbeError::Spawn)?;
-    let mut child = scratch
-        .apply_std(&mut Command::new(program))
+    let mut child = Command::new(program)
+        .env(TMPDIR, scratch.path())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

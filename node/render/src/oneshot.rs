@@ -23,7 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::protocol::REPLY_PREFIX;
-use crate::scratch::Scratch;
+use crate::scratch::{Scratch, TMPDIR};
 
 /// Lines of Blender's output shown with a failure: enough for its error and what led to it.
 pub(crate) const LOG_LINES: usize = 20;
@@ -72,8 +72,8 @@ pub(crate) async fn run<R: DeserializeOwned>(run: ScriptRun<'_>) -> Result<R, Ru
         .map_err(RunError::Script)?;
     let _written = Written(&run.script_path);
     let scratch = Scratch::new().map_err(RunError::Spawn)?;
-    let mut child = scratch
-        .apply(&mut Command::new(run.blender))
+    let mut child = Command::new(run.blender)
+        .env(TMPDIR, scratch.path())
         .arg("--factory-startup")
         .arg("-b")
         .arg("-Y")

@@ -9,9 +9,9 @@
 //! with the job's files rather than stay in the system's temporary folder.
 
 use std::path::Path;
-use std::process::Command as StdCommand;
 
-use tokio::process::Command;
+/// The variable that names a process's temporary folder (Blender's and Python's alike).
+pub(crate) const TMPDIR: &str = "TMPDIR";
 
 /// The folder, removed (with whatever Blender left in it) when dropped.
 #[derive(Debug)]
@@ -34,17 +34,8 @@ impl Scratch {
         builder
     }
 
+    /// The folder, to give the process as its [`TMPDIR`].
     pub(crate) fn path(&self) -> &Path {
         self.0.path()
-    }
-
-    /// Points `command`'s temporary folder here.
-    pub(crate) fn apply<'c>(&self, command: &'c mut Command) -> &'c mut Command {
-        command.env("TMPDIR", self.path())
-    }
-
-    /// [`Scratch::apply`] for a blocking command.
-    pub(crate) fn apply_std<'c>(&self, command: &'c mut StdCommand) -> &'c mut StdCommand {
-        command.env("TMPDIR", self.path())
     }
 }

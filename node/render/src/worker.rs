@@ -17,7 +17,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
 use crate::protocol::{ErrorKind, MAX_REPLY_BYTES, Ready, RenderTask, Reply, Request};
-use crate::scratch::Scratch;
+use crate::scratch::{Scratch, TMPDIR};
 
 /// Blender log lines kept for a crash report: enough for a traceback or an allocator's last
 /// words, few enough to show in a task's error.
@@ -201,8 +201,8 @@ impl Worker {
         };
         let scratch = Scratch::new_in(dir).map_err(spawn_error)?;
         let mut command = Command::new(blender);
-        scratch
-            .apply(&mut command)
+        command
+            .env(TMPDIR, scratch.path())
             .arg("--factory-startup")
             .arg("-b")
             .arg("-Y")
