@@ -71,7 +71,12 @@ pub(crate) async fn run<R: DeserializeOwned>(run: ScriptRun<'_>) -> Result<R, Ru
         .await
         .map_err(RunError::Script)?;
     let _written = Written(&run.script_path);
-    let scratch = Scratch::new().map_err(RunError::Spawn)?;
+    // Beside the script, like it left behind only if this daemon is killed.
+    let scratch = match run.script_path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => Scratch::new_in(dir),
+        _ => Scratch::new(),
+    }
+    .map_err(RunError::Spawn)?;
     let mut child = Command::new(run.blender)
         .env(TMPDIR, scratch.path())
         .arg("--factory-startup")

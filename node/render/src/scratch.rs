@@ -5,8 +5,9 @@
 //! behind. A render node kills Blender often, so each Blender it starts gets a fresh folder as
 //! its `TMPDIR`, and the folder goes when the [`Scratch`] that made it is dropped: after the
 //! process, since its owner holds the child first. A daemon that is itself killed drops
-//! nothing, so a worker's folder is made in its own directory (the job's), where it goes
-//! with the job's files rather than stay in the system's temporary folder.
+//! nothing, so the folder is made where the run's own files are (a worker's directory, the
+//! job's; beside a one-shot script) and goes with them rather than stay in the system's
+//! temporary folder; only the device probe at start-up uses the latter.
 
 use std::path::Path;
 
