@@ -54,6 +54,68 @@ pub(crate) fn write_all_at(file: &File, offset: u64, buf: &[u8]) -> io::Result<(
     }
 }
 
+/// Starts writing `len` bytes at `offset` of `file` to disk without waiting for them, so that
+/// the fsync that commits the file finds little left to write: the disk works while the data
+/// still arrives instead of after it (1 GiB fetched on loopback here: the final fsync took
+/// 0.3-0.4 s of a 2.2 s fetch, and 1-2 ms with this). Linux only (elsewhere the fsync does it
+/// all). A hint: a failure is ignored, and the fsync reports real errors.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: the descriptor stays open while `file` is borrowed, and the call touches no
+        // memory of ours.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, offset, len);
+    }
+}
+
+/// A sequential writer to a file that starts writing back each [`WRITEBACK_BYTES`] it has
+/// written (see [`start_writeback`]).
+pub(crate) struct WritingBack<'a> {
+    file: &'a File,
+    written: u64,
+    flushed: u64,
+}
+
+/// How much a [`WritingBack`] writes before starting the writeback of it.
+const WRITEBACK_BYTES: u64 = 8 << 20;
+
+impl<'a> WritingBack<'a> {
+    pub(crate) fn new(file: &'a File) -> Self {
+        WritingBack {
+            file,
+            written: 0,
+            flushed: 0,
+        }
+    }
+}
+
+impl io::Write for WritingBack<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = io::Write::write(&mut self.file, buf)?;
+        self.written += n as u64;
+        if self.written - self.flushed >= WRITEBACK_BYTES {
+            let len = usize::try_from(self.written - self.flushed).unwrap_or(usize::MAX);
+            start_writeback(self.file, self.flushed, len);
+            self.flushed = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Permissions of a stored or materialized file: never writable (a hard link shares them
 /// with the store, so a workspace cannot modify a blob in place), executable when asked.
 pub(crate) fn set_read_only(path: &Path, executable: bool) -> io::Result<()> {

@@ -16,7 +16,7 @@ use bao_tree::io::sync::WriteAt;
 use blendnet_proto::BlobHash;
 
 use crate::error::ImportError;
-use crate::files::{TempFile, is_disk_full, remove_quietly, sync_dir};
+use crate::files::{TempFile, WritingBack, is_disk_full, remove_quietly, sync_dir};
 use crate::manifest::{Manifest, ManifestEntry};
 use crate::store::{BlobMeta, NoRoom};
 use crate::{
@@ -95,7 +95,7 @@ fn hash_and_copy(
     };
     let mut tee = Tee {
         src,
-        dst: BufWriter::with_capacity(COPY_BUFFER_BYTES, data),
+        dst: BufWriter::with_capacity(COPY_BUFFER_BYTES, WritingBack::new(data)),
         dst_error: None,
     };
     let hashed = bao_tree::io::sync::outboard(&mut tee, tree, &mut outboard);

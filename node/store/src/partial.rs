@@ -553,6 +553,7 @@ impl Partial {
         write_all_at(&self.files.data, data.offset, &encoded[..data.len])
             .map_err(|e| self.store.write_err(self.store.partial_path(&hash), e))?;
         drop(writing);
+        files::start_writeback(&self.files.data, data.offset, data.len);
         self.files.add_verified(data.offset, data.len);
         let n = data.len as u64;
         data.len = 0;
