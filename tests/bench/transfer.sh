@@ -19,8 +19,10 @@
 #    just before (dd, measured here). Without the warm-up the TCP copy, which started right
 #    after the previous one, wrote into warm memory and the fetch, which starts a CLI and asks
 #    the mesh first, into cold: that difference alone was most of the fetcher's CPU time.
-#    Even so, the same TCP copy varies from 1.1 to 2.5 s per GiB from one run to the next,
-#    so the best of a few runs is a lucky one: the medians are the figure to read.
+#    The copy receives into one buffer: `recv(1 MiB)`, a fresh object per call, made the first
+#    copy in each Python process twice as slow (about 550 against 1,200 MiB/s here, from
+#    page faults on new memory), and each copy here runs in a fresh process: that reference
+#    was half as fast as a plain copy can be. Rounds still vary: the medians are the figure.
 # 2. FETCHERS members fetch the blob at once; prints the seeder's upload factor (bytes the
 #    fetchers received from the seeder / blob size; aim: under 1.3).
 # Daemons listen on TCP (LISTEN=/ip4/127.0.0.1/udp/0/quic-v1 tries QUIC; on loopback it is
@@ -103,11 +105,13 @@ t = threading.Thread(target=send); t.start()
 start = time.perf_counter()
 cpu0 = sum(os.times()[:2])
 c = socket.create_connection(("127.0.0.1", port))
+buf = bytearray(1 << 20)
+view = memoryview(buf)
 with open(dst, "wb") as out:
     while True:
-        b = c.recv(1 << 20)
-        if not b: break
-        out.write(b)
+        n = c.recv_into(buf)
+        if not n: break
+        out.write(view[:n])
     out.flush(); os.fsync(out.fileno())
 elapsed = time.perf_counter() - start
 t.join()
