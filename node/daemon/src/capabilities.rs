@@ -3,7 +3,7 @@
 //! [`Capabilities::detect`] is a plain blocking function (Blender and GPU discovery run
 //! programs under timeouts, see [`blendnet_render::discovery`]): call it from a blocking thread.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use blendnet_render::discovery::{BLENDER_ENV, BlenderError, BlenderInfo, find_blender, gpus};
 use serde::{Deserialize, Serialize};
@@ -37,7 +37,9 @@ impl Capabilities {
     pub fn detect(data_dir: &Path, blender: Option<&Path>) -> (Self, Option<BlenderError>) {
         let env = std::env::var_os(BLENDER_ENV);
         let path_var = std::env::var_os("PATH");
-        let (blender, error) = match find_blender(blender, env.as_deref(), path_var.as_deref()) {
+        let scratch = probe_scratch(data_dir);
+        let found = find_blender(blender, env.as_deref(), path_var.as_deref(), &scratch);
+        let (blender, error) = match found {
             Ok(info) => (Some(info), None),
             Err(e) => (None, Some(e)),
         };
@@ -47,12 +49,33 @@ impl Capabilities {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             ram_bytes,
             free_disk_bytes,
-            gpus: path_var.as_deref().map(gpus).unwrap_or_default(),
+            gpus: path_var
+                .as_deref()
+                .map(|p| gpus(p, &scratch))
+                .unwrap_or_default(),
             blender,
         };
         (capabilities, error)
     }
 }
+
+/// The folder in the data directory where the probes' programs get their temporary folders
+/// (Blender leaves one behind when it is killed, as it is with this daemon), emptied of what
+/// a killed daemon left there. If it cannot be made, the data directory itself.
+fn probe_scratch(data_dir: &Path) -> PathBuf {
+    let scratch = data_dir.join(PROBE_SCRATCH);
+    let _ = std::fs::remove_dir_all(&scratch);
+    match std::fs::create_dir_all(&scratch) {
+        Ok(()) => scratch,
+        Err(error) => {
+            tracing::warn!(path = %scratch.display(), %error, "cannot make the probes' folder");
+            data_dir.to_owned()
+        }
+    }
+}
+
+/// [`probe_scratch`]'s folder, in the data directory.
+const PROBE_SCRATCH: &str = "probe-tmp";
 
 /// Total memory (the cgroup limit if lower) and free space on the disk holding `data_dir`.
 fn memory_and_disk(data_dir: &Path) -> (u64, u64) {
@@ -109,7 +132,16 @@ mod tests {
     fn detect_reports_machine() {
         let tmp = tempfile::tempdir().unwrap();
         let missing = tmp.path().join("no-blender");
+        // What a daemon killed during its probes left.
+        let stale = tmp
+            .path()
+            .join(PROBE_SCRATCH)
+            .join("blendnet-blender-x/blender_y");
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("z"), b"left").unwrap();
         let (caps, err) = Capabilities::detect(tmp.path(), Some(&missing));
+        let scratch = std::fs::read_dir(tmp.path().join(PROBE_SCRATCH)).unwrap();
+        assert_eq!(scratch.count(), 0, "the probes' folder is emptied");
         assert!(caps.cores >= 1);
         assert!(caps.ram_bytes > 0);
         assert_eq!(caps.daemon_version, env!("CARGO_PKG_VERSION"));

@@ -125,15 +125,17 @@ pub enum BlenderError {
 }
 
 /// Finds Blender (explicit path, then `env` — the value of `BLENDNET_BLENDER` — then `blender`
-/// on `path_var`) and reads its version.
+/// on `path_var`) and reads its version. Each run of Blender gets a temporary folder made in
+/// `scratch` (a folder the caller owns and clears: a process killed meanwhile leaves it there).
 pub fn find_blender(
     explicit: Option<&Path>,
     env: Option<&OsStr>,
     path_var: Option<&OsStr>,
+    scratch: &Path,
 ) -> Result<BlenderInfo, BlenderError> {
     let path = locate_blender(explicit, env, path_var)?;
-    let version = blender_version(&path, BLENDER_VERSION_TIMEOUT)?;
-    let devices = blender_devices(&path).unwrap_or_else(|problem| {
+    let version = blender_version(&path, BLENDER_VERSION_TIMEOUT, scratch)?;
+    let devices = blender_devices(&path, scratch).unwrap_or_else(|problem| {
         tracing::warn!(path = %path.display(), %problem, "Blender did not list its devices");
         Devices::default()
     });
@@ -145,9 +147,9 @@ pub fn find_blender(
 }
 
 /// Asks Blender which devices its Cycles can use (about a second: Blender starts headless).
-fn blender_devices(path: &Path) -> Result<Devices, String> {
+fn blender_devices(path: &Path, scratch: &Path) -> Result<Devices, String> {
     let args = crate::devices::probe_args();
-    match probe(path, &args, BLENDER_VERSION_TIMEOUT) {
+    match probe(path, &args, BLENDER_VERSION_TIMEOUT, scratch) {
         Ok((status, output)) if status.success() => crate::devices::parse(&output),
         Ok((status, _)) => Err(format!("the device probe failed ({status})")),
         Err(ProbeError::Spawn(e)) => Err(e.to_string()),
@@ -188,8 +190,8 @@ pub fn locate_blender(
 }
 
 /// Runs `<path> --version` and parses its version.
-fn blender_version(path: &Path, timeout: Duration) -> Result<String, BlenderError> {
-    let (status, output) = probe(path, &["--version"], timeout).map_err(|e| match e {
+fn blender_version(path: &Path, timeout: Duration, scratch: &Path) -> Result<String, BlenderError> {
+    let (status, output) = probe(path, &["--version"], timeout, scratch).map_err(|e| match e {
         ProbeError::Spawn(source) => BlenderError::Run {
             path: path.to_owned(),
             source,
@@ -234,8 +236,8 @@ pub fn parse_version(output: &str) -> Option<String> {
 }
 
 /// GPU names from `nvidia-smi`, if it is on `path_var` (a `PATH` value) and answers;
-/// otherwise none.
-pub fn gpus(path_var: &OsStr) -> Vec<String> {
+/// otherwise none. Its temporary folder is made in `scratch`, as for [`find_blender`].
+pub fn gpus(path_var: &OsStr, scratch: &Path) -> Vec<String> {
     let Some(smi) = find_on_path(OsStr::new(NVIDIA_SMI_NAME), path_var) else {
         return Vec::new();
     };
@@ -243,6 +245,7 @@ pub fn gpus(path_var: &OsStr) -> Vec<String> {
         &smi,
         &["--query-gpu=name", "--format=csv,noheader"],
         GPU_QUERY_TIMEOUT,
+        scratch,
     ) {
         Ok((status, output)) if status.success() => parse_gpu_list(&output),
         _ => Vec::new(),
@@ -293,14 +296,16 @@ enum ProbeError {
 }
 
 /// Runs `program args` with no stdin and stderr discarded, and returns its exit status and
-/// (bounded, lossily decoded) stdout; kills it after `timeout`.
+/// (bounded, lossily decoded) stdout; kills it after `timeout`. Its `TMPDIR` is a new folder in
+/// `scratch`, removed when it is done.
 fn probe(
     program: &Path,
     args: &[&str],
     timeout: Duration,
+    scratch: &Path,
 ) -> Result<(ExitStatus, String), ProbeError> {
     let deadline = Instant::now() + timeout;
-    let scratch = Scratch::new().map_err(ProbeError::Spawn)?;
+    let scratch = Scratch::new_in(scratch).map_err(ProbeError::Spawn)?;
     let mut child = Command::new(program)
         .env(TMPDIR, scratch.path())
         .args(args)
@@ -373,7 +378,7 @@ mod tests {
     fn missing_explicit_path_is_none_with_reason() {
         let tmp = tempfile::tempdir().unwrap();
         let missing = tmp.path().join("blender");
-        let err = find_blender(Some(&missing), None, None).unwrap_err();
+        let err = find_blender(Some(&missing), None, None, tmp.path()).unwrap_err();
         assert!(matches!(err, BlenderError::Missing { .. }));
         assert!(
             err.to_string().contains(&missing.display().to_string()),
@@ -384,7 +389,7 @@ mod tests {
     #[test]
     fn nothing_configured_and_empty_path_is_not_installed() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = find_blender(None, None, Some(tmp.path().as_os_str())).unwrap_err();
+        let err = find_blender(None, None, Some(tmp.path().as_os_str()), tmp.path()).unwrap_err();
         assert!(matches!(err, BlenderError::NotInstalled { .. }), "{err:?}");
     }
 
@@ -423,9 +428,35 @@ mod tests {
         fn fake_blender_by_explicit_path() {
             let tmp = tempfile::tempdir().unwrap();
             let fake = script(tmp.path(), "my-blender", FAKE);
-            let info = retry(|| find_blender(Some(&fake), None, None)).unwrap();
+            let info = retry(|| find_blender(Some(&fake), None, None, tmp.path())).unwrap();
             assert_eq!(info.version, "4.2.1");
             assert_eq!(info.path, fake.display().to_string());
+        }
+
+        #[test]
+        fn each_probe_runs_in_its_own_folder_in_scratch_and_removes_it() {
+            let tmp = tempfile::tempdir().unwrap();
+            let scratch = tmp.path().join("scratch");
+            std::fs::create_dir(&scratch).unwrap();
+            let seen = tmp.path().join("seen");
+            let fake = script(
+                tmp.path(),
+                "blender",
+                &format!("echo \"$TMPDIR\" >> '{}'\n{FAKE}", seen.display()),
+            );
+            retry(|| find_blender(Some(&fake), None, None, &scratch)).unwrap();
+            let seen = std::fs::read_to_string(&seen).unwrap();
+            let folders: Vec<&str> = seen.lines().collect();
+            // `--version` and the device probe.
+            assert_eq!(folders.len(), 2, "{seen}");
+            for folder in folders {
+                assert_eq!(
+                    Path::new(folder).parent(),
+                    Some(scratch.as_path()),
+                    "{seen}"
+                );
+            }
+            assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
         }
 
         #[test]
@@ -438,17 +469,27 @@ mod tests {
             script(&bin, "blender", "echo 'Blender 4.1.0'");
             let path_var = bin.as_os_str();
 
-            let info =
-                retry(|| find_blender(Some(&explicit), Some(env.as_os_str()), Some(path_var)))
-                    .unwrap();
+            let info = retry(|| {
+                find_blender(
+                    Some(&explicit),
+                    Some(env.as_os_str()),
+                    Some(path_var),
+                    tmp.path(),
+                )
+            })
+            .unwrap();
             assert_eq!(info.version, "3.6.0");
-            let info = retry(|| find_blender(None, Some(env.as_os_str()), Some(path_var))).unwrap();
+            let info =
+                retry(|| find_blender(None, Some(env.as_os_str()), Some(path_var), tmp.path()))
+                    .unwrap();
             assert_eq!(info.version, "4.0.0");
-            let info = retry(|| find_blender(None, None, Some(path_var))).unwrap();
+            let info = retry(|| find_blender(None, None, Some(path_var), tmp.path())).unwrap();
             assert_eq!(info.version, "4.1.0");
             // A bare name in the config is looked up on PATH.
-            let info =
-                retry(|| find_blender(Some(Path::new("blender")), None, Some(path_var))).unwrap();
+            let info = retry(|| {
+                find_blender(Some(Path::new("blender")), None, Some(path_var), tmp.path())
+            })
+            .unwrap();
             assert_eq!(info.version, "4.1.0");
         }
 
@@ -456,7 +497,7 @@ mod tests {
         fn not_blender_is_unknown_version() {
             let tmp = tempfile::tempdir().unwrap();
             let fake = script(tmp.path(), "python", "echo 'Python 3.12.1'");
-            let err = retry(|| find_blender(Some(&fake), None, None)).unwrap_err();
+            let err = retry(|| find_blender(Some(&fake), None, None, tmp.path())).unwrap_err();
             assert!(
                 matches!(err, BlenderError::UnknownVersion { ref first_line, .. } if first_line == "Python 3.12.1"),
                 "{err:?}"
@@ -467,7 +508,7 @@ mod tests {
         fn failing_blender_is_failed() {
             let tmp = tempfile::tempdir().unwrap();
             let fake = script(tmp.path(), "broken", "echo 'Blender 4.2.1'\nexit 3");
-            let err = retry(|| find_blender(Some(&fake), None, None)).unwrap_err();
+            let err = retry(|| find_blender(Some(&fake), None, None, tmp.path())).unwrap_err();
             assert!(matches!(err, BlenderError::Failed { .. }), "{err:?}");
         }
 
@@ -476,7 +517,8 @@ mod tests {
             let tmp = tempfile::tempdir().unwrap();
             let fake = script(tmp.path(), "hang", "exec sleep 30");
             let started = Instant::now();
-            let err = retry(|| blender_version(&fake, Duration::from_millis(300))).unwrap_err();
+            let err = retry(|| blender_version(&fake, Duration::from_millis(300), tmp.path()))
+                .unwrap_err();
             assert!(matches!(err, BlenderError::Timeout { .. }), "{err:?}");
             assert!(started.elapsed() < Duration::from_secs(10));
         }
@@ -491,7 +533,7 @@ mod tests {
             );
             let mut found = Vec::new();
             for _ in 0..20 {
-                found = gpus(tmp.path().as_os_str());
+                found = gpus(tmp.path().as_os_str(), tmp.path());
                 if !found.is_empty() {
                     break;
                 }
