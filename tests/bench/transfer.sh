@@ -19,10 +19,10 @@
 #    just before (dd, measured here). Without the warm-up the TCP copy, which started right
 #    after the previous one, wrote into warm memory and the fetch, which starts a CLI and asks
 #    the mesh first, into cold: that difference alone was most of the fetcher's CPU time.
-#    The copy receives into one buffer: `recv(1 MiB)`, a fresh object per call, made the first
-#    copy in each Python process twice as slow (about 550 against 1,200 MiB/s here, from
-#    page faults on new memory), and each copy here runs in a fresh process: that reference
-#    was half as fast as a plain copy can be. Rounds still vary: the medians are the figure.
+#    The copy receives into one buffer. With `recv(1 MiB)`, a fresh object per call, the first
+#    copy in each Python process ran at about 550 MiB/s against 1,200 for the same copy after
+#    it, and each copy here runs in a fresh process: the reference was half a plain copy.
+#    With one buffer every copy runs at about 1,300. Rounds still vary: read the medians.
 # 2. FETCHERS members fetch the blob at once; prints the seeder's upload factor (bytes the
 #    fetchers received from the seeder / blob size; aim: under 1.3).
 # Daemons listen on TCP (LISTEN=/ip4/127.0.0.1/udp/0/quic-v1 tries QUIC; on loopback it is
