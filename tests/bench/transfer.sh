@@ -11,6 +11,9 @@
 #    fetch to the median TCP copy (aim: 0.7 or better on 2 cores) and of the best to the best,
 #    and the CPU seconds per GiB of the seeder and the fetcher daemons (utime + stime from
 #    /proc, median of the rounds) and of the TCP copy (sender and receiver together).
+#    Each round also makes a second reference copy, sealed with ChaCha20-Poly1305 as Noise
+#    seals the mesh's connections (needs Python's `cryptography` package; skipped without):
+#    the ratio against it tells what the mesh costs beyond the encryption libp2p requires.
 #
 #    Each copy starts from the same memory: right after a file 1.25 times the blob's size was
 #    written and deleted. This VM's balloon hands memory that stayed free for about two seconds
@@ -120,6 +123,56 @@ PY
     rm -f "$work/tcp.out"
 }
 
+# A second reference, to tell what the mesh's encryption costs from what the rest costs: the
+# same copy sealed with ChaCha20-Poly1305 (Noise's cipher) in messages of Noise's largest
+# size, by a sender and a receiver process. Prints its seconds, or "-" without Python's
+# `cryptography` package.
+sealed_copy() {
+    python3 - "$work/src/blob.bin" "$work/sealed.out" <<'PY'
+import os, socket, struct, sys, time
+try:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+except ImportError:
+    print("-/-"); sys.exit()
+src, dst = sys.argv[1], sys.argv[2]
+key = ChaCha20Poly1305.generate_key()
+plain = 65535 - 16  # Noise's largest message less its tag
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+port = srv.getsockname()[1]
+pid = os.fork()
+if pid == 0:
+    conn, _ = srv.accept()
+    seal = ChaCha20Poly1305(key)
+    with open(src, "rb") as f:
+        n = 0
+        while block := f.read(plain):
+            conn.sendall(struct.pack(">H", len(block)) + seal.encrypt(n.to_bytes(12, "little"), block, None))
+            n += 1
+    conn.close()
+    os._exit(0)
+start = time.perf_counter()
+cpu0 = sum(os.times()[:4])
+c = socket.create_connection(("127.0.0.1", port))
+r = c.makefile("rb", buffering=1 << 20)
+opener = ChaCha20Poly1305(key)
+n = 0
+with open(dst, "wb") as out:
+    while head := r.read(2):
+        sealed = r.read(struct.unpack(">H", head)[0] + 16)
+        out.write(opener.decrypt(n.to_bytes(12, "little"), sealed, None))
+        n += 1
+    out.flush(); os.fsync(out.fileno())
+elapsed = time.perf_counter() - start
+os.waitpid(pid, 0)
+print(f"{elapsed:.3f}/{sum(os.times()[:4]) - cpu0:.3f}")
+PY
+    cmp -s "$work/src/blob.bin" "$work/sealed.out" || [[ ! -e "$work/sealed.out" ]] || {
+        echo "the sealed copy differs!" >&2
+        exit 1
+    }
+    rm -f "$work/sealed.out"
+}
+
 # The mesh: a seeder and FETCHERS + 1 members.
 "$bin" init --data-dir "$work/seeder" >/dev/null 2>&1
 start_node seeder
@@ -146,6 +199,8 @@ warm() {
 # first of all: the many-fetcher step fills the page cache.
 tcp_all=()
 tcp_cpu_all=()
+sealed_all=()
+sealed_cpu_all=()
 mesh_all=()
 seeder_cpu_all=()
 fetcher_cpu_all=()
@@ -154,6 +209,10 @@ for r in $(seq 1 "$rounds"); do
     tcp="$(tcp_copy)"
     tcp_all+=("${tcp%/*}")
     tcp_cpu_all+=("${tcp#*/}")
+    warm
+    sealed="$(sealed_copy)"
+    sealed_all+=("${sealed%/*}")
+    sealed_cpu_all+=("${sealed#*/}")
     sync
     s0="$(cpu_ticks "${node_pid[seeder]}")"
     f0="$(cpu_ticks "${node_pid[fr$r]}")"
@@ -193,7 +252,8 @@ PY
 )"
 
 python3 - "$size_mib" "$t0" "$t1" "$t4" "$t5" "$from_seeder" "$fetchers" "${tcp_all[*]}" "${mesh_all[*]}" \
-    "${tcp_cpu_all[*]}" "${seeder_cpu_all[*]}" "${fetcher_cpu_all[*]}" "$(getconf CLK_TCK)" <<'PY'
+    "${tcp_cpu_all[*]}" "${seeder_cpu_all[*]}" "${fetcher_cpu_all[*]}" "$(getconf CLK_TCK)" \
+    "${sealed_all[*]}" "${sealed_cpu_all[*]}" <<'PY'
 import statistics, sys
 mib = int(sys.argv[1])
 t0, t1, t4, t5 = map(float, sys.argv[2:6]); from_seeder = int(sys.argv[6]); n = int(sys.argv[7])
@@ -213,6 +273,14 @@ print(f"  median TCP copy / median mesh fetch:  {mib / tcp_median:7.1f} / {mib /
 print(f"  ratio mesh / TCP, medians:            {tcp_median / mesh_median:7.2f}    (aim: 0.7 or better)")
 print(f"  ratio mesh / TCP, best of each:       {tcp / mesh:7.2f}")
 print(f"  CPU s/GiB, seeder / fetcher daemon:   {seeder_cpu:7.2f} / {fetcher_cpu:.2f}  (TCP copy, both ends: {tcp_cpu:.2f})")
+if "-" in sys.argv[14].split():
+    print("  sealed TCP copy: skipped (no Python `cryptography` package)")
+else:
+    sealeds = [float(x) for x in sys.argv[14].split()]
+    sealed_median = statistics.median(sealeds)
+    print(f"  sealed TCP copy (ChaCha20-Poly1305, Python), MiB/s: {', '.join(map(rate, sealeds))}")
+    print(f"  ratio mesh / sealed TCP, medians:     {sealed_median / mesh_median:7.2f}    "
+          f"(CPU s/GiB, both ends: {per_gib(sys.argv[15], 1):.2f})")
 print(f"  {n} fetchers at once:                  {t5 - t4:7.2f} s")
 print(f"  seeder upload factor with {n} fetchers: {from_seeder / size:7.2f}    (aim: under 1.3)")
 PY
