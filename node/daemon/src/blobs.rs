@@ -22,11 +22,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 
-/// Blob streams served at once, in all: each holds up to a few MiB while it is written.
-pub const MAX_SERVING: usize = 32;
-/// Blob streams served at once to one peer: a fetcher keeps two in flight; a few more cover
-/// availability questions and a second fetch.
-pub const MAX_SERVING_PER_PEER: usize = 8;
+/// Blob answers sent at once, in all: each holds up to a few MiB while it is written. More
+/// requests wait their turn (see [`transfer::serve`]).
+pub const MAX_SENDING: usize = 32;
+/// Blob streams open at once from one peer, waiting or being answered; more are dropped. A
+/// fetch keeps [`transfer::MAX_IN_FLIGHT_PER_PROVIDER`] requests in flight, and a manifest
+/// fetches [`BLOBS_AT_ONCE`] blobs at once, with room for questions besides.
+pub const MAX_STREAMS_PER_PEER: usize =
+    transfer::MAX_IN_FLIGHT_PER_PROVIDER * BLOBS_AT_ONCE + 2 * BLOBS_AT_ONCE;
+/// Blob streams open at once, in all; more are dropped. A waiting stream holds no data.
+pub const MAX_STREAMS: usize = 512;
 /// Blobs of one manifest fetched at once: enough to hide round trips for many small files,
 /// few enough that one large file still gets most of the bandwidth.
 pub const BLOBS_AT_ONCE: usize = 4;
@@ -209,12 +214,13 @@ impl Blobs {
         let seeding = Arc::new(transfer::Seeding::default());
         let traffic = self.traffic.clone();
         Ok(tokio::spawn(async move {
-            let all = Arc::new(Semaphore::new(MAX_SERVING));
+            let senders = Arc::new(Semaphore::new(MAX_SENDING));
+            let all = Arc::new(Semaphore::new(MAX_STREAMS));
             let mut per_peer: HashMap<PeerId, Arc<Semaphore>> = HashMap::new();
             while let Some((peer, stream)) = incoming.next().await {
                 let peer_limit = per_peer
                     .entry(peer)
-                    .or_insert_with(|| Arc::new(Semaphore::new(MAX_SERVING_PER_PEER)))
+                    .or_insert_with(|| Arc::new(Semaphore::new(MAX_STREAMS_PER_PEER)))
                     .clone();
                 let (Ok(one), Ok(mine)) = (
                     all.clone().try_acquire_owned(),
@@ -224,8 +230,9 @@ impl Blobs {
                     continue;
                 };
                 let (store, seeding, traffic) = (store.clone(), seeding.clone(), traffic.clone());
+                let senders = senders.clone();
                 tokio::spawn(async move {
-                    match transfer::serve(store, &seeding, peer, stream).await {
+                    match transfer::serve(store, &seeding, &senders, peer, stream).await {
                         Ok(served) => {
                             if let Ok(mut map) = traffic.lock() {
                                 map.entry(peer).or_default().bytes_out += served.bytes;

@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
 /// A piece: 256 chunk groups of 16 KiB = 4 MiB. Large enough that per-request overhead (a
 /// stream, a buffer, a hop to a blocking thread) stays small: 1 MiB pieces fetched a 1 GiB
@@ -177,13 +178,20 @@ pub enum ServeError {
 }
 
 /// Answers one inbound stream from `peer` out of `store`. Cancel-safe (drops the stream).
+///
+/// Sending data takes one of `senders`' permits, waited for in turn (the semaphore is fair), so
+/// a busy provider answers late rather than not at all: a dropped stream looks to the fetcher
+/// like a provider gone, and a new fetcher whose question about the blob met only full slots
+/// failed with "no peer holds blob". Questions (`Has`) take no permit.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     store: Store,
     seeding: &Seeding,
+    senders: &Semaphore,
     peer: PeerId,
     mut stream: S,
 ) -> Result<Served, ServeError> {
     let request: BlobRequest = read_frame(&mut stream, MAX_BLOB_REQUEST_BYTES).await?;
+    let mut _sending = None;
     let (header, body) = match request {
         BlobRequest::Has { hash } => (has_answer(&store, &hash).await?, Vec::new()),
         BlobRequest::Get {
@@ -195,6 +203,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             if complete && seeding.elsewhere(hash, &ranges, peer) && !insist {
                 (BlobResponse::Elsewhere, Vec::new())
             } else {
+                // Held until the answer is written: the body is in memory until then.
+                _sending = Some(senders.acquire().await.map_err(|_| {
+                    io::Error::new(io::ErrorKind::Interrupted, "the provider is stopping")
+                })?);
                 get_answer(&store, &hash, &ranges).await?
             }
         }
@@ -831,9 +843,13 @@ mod tests {
         StopsAfter(usize),
     }
 
+    /// A test provider's sending slots.
+    const SENDERS: usize = 8;
+
     struct Provider {
         store: Store,
         seeding: Seeding,
+        senders: Semaphore,
         behaviour: Behaviour,
         gets: AtomicUsize,
         uploaded: AtomicU64,
@@ -870,6 +886,7 @@ mod tests {
             let p = Arc::new(Provider {
                 store,
                 seeding: Seeding::default(),
+                senders: Semaphore::new(SENDERS),
                 behaviour,
                 gets: AtomicUsize::new(0),
                 uploaded: AtomicU64::new(0),
@@ -892,7 +909,14 @@ mod tests {
                     let stream = theirs.compat();
                     let served = match provider.behaviour {
                         Behaviour::Honest => {
-                            serve(provider.store.clone(), &provider.seeding, asker, stream).await
+                            serve(
+                                provider.store.clone(),
+                                &provider.seeding,
+                                &provider.senders,
+                                asker,
+                                stream,
+                            )
+                            .await
                         }
                         Behaviour::Corrupting => corrupt_serve(&provider.store, stream).await,
                         Behaviour::StopsAfter(n) => serve_at_most(&provider, n, stream).await,
@@ -1134,6 +1158,39 @@ mod tests {
         fn hinted(&self, _: &BlobHash) -> Vec<PeerId> {
             self.1.clone()
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_provider_with_every_sending_slot_taken_answers_in_turn() {
+        let bytes = data(2 * PIECE_BYTES as usize, 10);
+        let (seed, hash) = seeded(&bytes);
+        let dialer = MemDialer::default();
+        let p = PeerId::random();
+        let provider = dialer.add(p, seed.store.clone(), Behaviour::Honest);
+        // Other fetchers hold all its slots.
+        let busy = provider.senders.acquire_many(SENDERS as u32).await.unwrap();
+        // Questions are still answered.
+        let answer = tokio::time::timeout(Duration::from_secs(5), ask_has(&dialer, p, hash))
+            .await
+            .expect("a question waits for no slot")
+            .unwrap();
+        assert!(
+            matches!(answer, BlobResponse::Has { complete: true, size, .. } if size == bytes.len() as u64),
+            "{answer:?}"
+        );
+        // Data waits its turn: the fetch neither fails nor gets a byte meanwhile.
+        let me = TestStore::new(None);
+        let fetching = tokio::spawn({
+            let (store, dialer) = (me.store.clone(), Arc::new(dialer));
+            async move { fetch(&store, dialer, hash, &[p], 1, |_| {}).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!fetching.is_finished(), "{:?}", fetching.await);
+        assert_eq!(provider.uploaded.load(Ordering::SeqCst), 0);
+        drop(busy);
+        let report = fetching.await.unwrap().unwrap();
+        assert_eq!(read_blob(&me.store, &hash), bytes);
+        assert_eq!(report.bytes_from.get(&p), Some(&(bytes.len() as u64)));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
