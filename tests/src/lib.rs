@@ -829,7 +829,9 @@ impl Drop for Node {
 
 /// Kills what a killed daemon left running under `root`: its Blender processes, and the
 /// daemons of the local cloud instances it started (their command lines name paths under
-/// `root`). Without this, a failed test leaves them rendering, slowing every later test.
+/// `root`, or their environments do: the `TMPDIR` each Blender gets). Without this, a failed
+/// test leaves them rendering, slowing every later test, and a start-up probe outliving its
+/// daemon finds its `TMPDIR` deleted and leaves its folder in /tmp.
 fn kill_strays(root: &Path) {
     let Some(root) = root.to_str().map(|r| format!("{r}/")) else {
         return;
@@ -848,10 +850,11 @@ fn kill_strays(root: &Path) {
         if pid == std::process::id() as i32 {
             continue;
         }
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-            continue;
+        let names_root = |file: &str| {
+            fs::read(entry.path().join(file))
+                .is_ok_and(|bytes| String::from_utf8_lossy(&bytes).contains(&root))
         };
-        if String::from_utf8_lossy(&cmdline).contains(&root) {
+        if names_root("cmdline") || names_root("environ") {
             // SAFETY: kill(2) with a pid read from /proc; a process gone since is ESRCH.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
@@ -1242,7 +1245,12 @@ pub fn blender() -> PathBuf {
     let path = std::env::var_os("BLENDNET_BLENDER")
         .map(PathBuf::from)
         .unwrap_or_else(|| "blender".into());
-    let found = Command::new(&path).arg("--version").output();
+    // Blender 3.4 leaves its (empty) temporary folder behind after `--version`.
+    let scratch = tempfile::tempdir().expect("a temporary folder");
+    let found = Command::new(&path)
+        .arg("--version")
+        .env("TMPDIR", scratch.path())
+        .output();
     assert!(
         found.is_ok_and(|o| o.status.success()),
         "these tests render with real Blender: install it (apt-get install blender) or set \
