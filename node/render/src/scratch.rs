@@ -6,8 +6,8 @@
 //! its `TMPDIR`, and the folder goes when the [`Scratch`] that made it is dropped: after the
 //! process, since its owner holds the child first. A daemon that is itself killed drops
 //! nothing, so the folder is made where the run's own files are (a worker's directory, the
-//! job's; beside a one-shot script) and goes with them rather than stay in the system's
-//! temporary folder; only the device probe at start-up uses the latter.
+//! job's; beside a one-shot script; the data directory's `probe-tmp` for the start-up probes)
+//! and goes with them rather than stay in the system's temporary folder.
 
 use std::path::Path;
 
@@ -19,7 +19,7 @@ pub(crate) const TMPDIR: &str = "TMPDIR";
 pub(crate) struct Scratch(tempfile::TempDir);
 
 impl Scratch {
-    /// A new folder in the system's temporary folder.
+    /// A new folder in the system's temporary folder (for a run with no folder of its own).
     pub(crate) fn new() -> std::io::Result<Scratch> {
         Scratch::builder().tempdir().map(Scratch)
     }
