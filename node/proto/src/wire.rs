@@ -261,11 +261,14 @@ pub enum BlobRequest {
     /// "What do you hold of this blob?"
     Has { hash: crate::BlobHash },
     /// "Send me the verified encoding of these ranges." With `insist`, the asker has no one
-    /// else to ask, so a seeder must not answer [`BlobResponse::Elsewhere`].
+    /// else to ask, so a seeder must not answer [`BlobResponse::Elsewhere`]. `found_empty` is
+    /// the fetcher a seeder last sent the asker to for these ranges, found holding nothing:
+    /// the seeder must not send the asker there again (but may send it to another).
     Get {
         hash: crate::BlobHash,
         ranges: Vec<(u64, u64)>,
         insist: bool,
+        found_empty: Option<crate::PeerId>,
     },
 }
 
@@ -284,9 +287,10 @@ pub enum BlobResponse {
     Data { size: u64 },
     /// The provider will not serve this request; the reason is for logs.
     Refused(String),
-    /// The provider (a seeder) sent these ranges to another fetcher moments ago: fetch them from
-    /// the fetchers, and ask again later if none comes to hold them.
-    Elsewhere,
+    /// The provider (a seeder) sent these ranges to fetcher `to` moments ago: fetch them from
+    /// `to` once it holds them, and ask again, naming `to` in `found_empty`, if `to` turns out
+    /// to hold nothing of the blob (it deleted it, or is gone).
+    Elsewhere { to: crate::PeerId },
 }
 
 /// Most entries in one [`Have`] announcement: about 50 bytes each, far under the gossip limit.
