@@ -253,7 +253,7 @@ PY
 
 python3 - "$size_mib" "$t0" "$t1" "$t4" "$t5" "$from_seeder" "$fetchers" "${tcp_all[*]}" "${mesh_all[*]}" \
     "${tcp_cpu_all[*]}" "${seeder_cpu_all[*]}" "${fetcher_cpu_all[*]}" "$(getconf CLK_TCK)" \
-    "${sealed_all[*]}" "${sealed_cpu_all[*]}" <<'PY'
+    "${sealed_all[*]}" "${sealed_cpu_all[*]}" "$bin" <<'PY'
 import statistics, sys
 mib = int(sys.argv[1])
 t0, t1, t4, t5 = map(float, sys.argv[2:6]); from_seeder = int(sys.argv[6]); n = int(sys.argv[7])
@@ -264,7 +264,7 @@ tcp_cpu = per_gib(sys.argv[10], 1); seeder_cpu = per_gib(sys.argv[11], tick); fe
 size = mib << 20
 tcp, mesh = min(tcps), min(meshes)
 rate = lambda s: f"{mib / s:.0f}"
-print(f"blob: {mib} MiB, loopback, release build")
+print(f"blob: {mib} MiB, loopback, {sys.argv[16]}")
 print(f"  store add (hash + outboard + copy):   {t1 - t0:7.2f} s  {mib / (t1 - t0):8.1f} MiB/s")
 print(f"  raw TCP copy (reference), MiB/s:      {', '.join(map(rate, tcps))}")
 print(f"  one mesh fetch, verified, MiB/s:      {', '.join(map(rate, meshes))}")

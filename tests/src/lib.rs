@@ -106,10 +106,7 @@ fn build_once() -> Result<()> {
         let Some(cargo) = std::env::var_os("CARGO") else {
             return Ok(());
         };
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .map(Path::to_path_buf)
-            .ok_or_else(|| "the tests crate has no parent directory".to_string())?;
+        let workspace = workspace().map_err(|e| e.to_string())?;
         let out = Command::new(cargo)
             .args(["build", "--quiet", "--workspace", "--bins"])
             .current_dir(&workspace)
@@ -125,6 +122,31 @@ fn build_once() -> Result<()> {
         }
     });
     result.clone().map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The repository's root (the workspace this tests crate belongs to).
+pub fn workspace() -> Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .context("the tests crate has no parent directory")
+}
+
+/// Runs `shellcheck` on `file`; fails on any finding, or when shellcheck is missing.
+pub fn shellcheck(file: &Path) -> Result<()> {
+    // Seconds at most, even on a loaded 2-core machine.
+    const SHELLCHECK_TIMEOUT: Duration = Duration::from_secs(60);
+    let out = run_bounded(Command::new("shellcheck").arg(file), SHELLCHECK_TIMEOUT).with_context(
+        || "cannot run shellcheck: install it (`apt-get install shellcheck`; .ci/run installs it)",
+    )?;
+    ensure!(
+        out.status.success(),
+        "shellcheck {} found problems:\n{}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 /// Finds the `blendnet` binary: `$BLENDNET_BIN`, else `blendnet` in the Cargo profile directory
@@ -832,7 +854,7 @@ impl Drop for Node {
 /// `root`, or their environments do: the `TMPDIR` each Blender gets). Without this, a failed
 /// test leaves them rendering, slowing every later test, and a start-up probe outliving its
 /// daemon finds its `TMPDIR` deleted and leaves its folder in /tmp.
-fn kill_strays(root: &Path) {
+pub fn kill_strays(root: &Path) {
     let Some(root) = root.to_str().map(|r| format!("{r}/")) else {
         return;
     };

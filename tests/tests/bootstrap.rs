@@ -14,7 +14,7 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use blendnet_tests::{e2e, has_error_line, run_bounded};
+use blendnet_tests::{e2e, has_error_line, run_bounded, shellcheck, workspace};
 use tempfile::TempDir;
 
 /// The script downloads two small files from loopback and unpacks one: seconds, even on a
@@ -29,30 +29,8 @@ const BLENDNET_STANDIN: &str = "#!/bin/sh\necho 'blendnet stand-in' \"$@\"\n";
 /// script honour BLENDNET_USER_DATA).
 const USER_DATA: &str = "/srv/cloud/user-data.json";
 
-fn workspace() -> Result<PathBuf> {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .context("the tests crate has no parent directory")
-}
-
 fn script() -> Result<PathBuf> {
     Ok(workspace()?.join("bootstrap/blendnet-bootstrap.sh"))
-}
-
-/// Runs `shellcheck` on `file`; fails on any finding, or when shellcheck is missing.
-fn shellcheck(file: &Path) -> Result<()> {
-    let out = run_bounded(Command::new("shellcheck").arg(file), TOOL_TIMEOUT).with_context(
-        || "cannot run shellcheck: install it (`apt-get install shellcheck`; .ci/run installs it)",
-    )?;
-    ensure!(
-        out.status.success(),
-        "shellcheck {} found problems:\n{}{}",
-        file.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 fn sha256(file: &Path) -> Result<String> {
