@@ -91,6 +91,42 @@ fn member_holders(holders: &Holders, streams: &Streams, hash: &BlobHash) -> Vec<
         .unwrap_or_default()
 }
 
+/// How many blob streams are served at once, in all and per peer.
+struct StreamLimits {
+    all: Arc<Semaphore>,
+    per_peer: HashMap<PeerId, Arc<Semaphore>>,
+    max_per_peer: usize,
+}
+
+impl StreamLimits {
+    fn new(max: usize, max_per_peer: usize) -> StreamLimits {
+        StreamLimits {
+            all: Arc::new(Semaphore::new(max)),
+            per_peer: HashMap::new(),
+            max_per_peer,
+        }
+    }
+
+    /// Room for one more stream from `peer`, held until dropped; `None` past either limit.
+    fn admit(&mut self, peer: PeerId) -> Option<impl Send + 'static> {
+        if !self.per_peer.contains_key(&peer) {
+            // Forget peers with no stream open, so that the map does not keep every peer
+            // ever seen (cloud instances come and go) for the daemon's lifetime.
+            let max = self.max_per_peer;
+            self.per_peer.retain(|_, s| s.available_permits() < max);
+        }
+        let mine = self
+            .per_peer
+            .entry(peer)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.max_per_peer)))
+            .clone();
+        Some((
+            self.all.clone().try_acquire_owned().ok()?,
+            mine.try_acquire_owned().ok()?,
+        ))
+    }
+}
+
 /// The store and the streams, shared by the API and the serve loop.
 #[derive(Clone)]
 pub struct Blobs {
@@ -215,17 +251,9 @@ impl Blobs {
         let traffic = self.traffic.clone();
         Ok(tokio::spawn(async move {
             let senders = Arc::new(Semaphore::new(MAX_SENDING));
-            let all = Arc::new(Semaphore::new(MAX_STREAMS));
-            let mut per_peer: HashMap<PeerId, Arc<Semaphore>> = HashMap::new();
+            let mut limits = StreamLimits::new(MAX_STREAMS, MAX_STREAMS_PER_PEER);
             while let Some((peer, stream)) = incoming.next().await {
-                let peer_limit = per_peer
-                    .entry(peer)
-                    .or_insert_with(|| Arc::new(Semaphore::new(MAX_STREAMS_PER_PEER)))
-                    .clone();
-                let (Ok(one), Ok(mine)) = (
-                    all.clone().try_acquire_owned(),
-                    peer_limit.try_acquire_owned(),
-                ) else {
+                let Some(held) = limits.admit(peer) else {
                     tracing::debug!(%peer, "too many blob streams: one dropped");
                     continue;
                 };
@@ -242,7 +270,7 @@ impl Blobs {
                             tracing::debug!(%peer, error = %e, "blob stream ended with an error")
                         }
                     }
-                    drop((one, mine));
+                    drop(held);
                 });
             }
         }))
@@ -523,4 +551,37 @@ fn is_executable(_: &std::fs::Metadata) -> bool {
 /// The store's directory inside the data directory.
 pub fn store_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("store")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_limits_hold_per_peer_and_in_all_and_forget_idle_peers() {
+        let mut limits = StreamLimits::new(3, 2);
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let a1 = limits.admit(a).expect("first of a");
+        let a2 = limits.admit(a).expect("second of a");
+        assert!(
+            limits.admit(a).is_none(),
+            "a third stream of a is past its limit"
+        );
+        let b1 = limits.admit(b).expect("first of b");
+        assert!(
+            limits.admit(c).is_none(),
+            "a fourth stream is past the limit in all"
+        );
+        drop(a1);
+        let c1 = limits.admit(c).expect("room again once one ends");
+        assert!(
+            limits.admit(a).is_none(),
+            "no room in all for a, which holds one"
+        );
+        drop((a2, b1, c1));
+        // A new peer's first stream forgets those with none open.
+        let d = limits.admit(PeerId::random()).expect("room for a new peer");
+        assert_eq!(limits.per_peer.len(), 1, "idle peers are forgotten");
+        drop(d);
+    }
 }
