@@ -687,9 +687,10 @@ pub async fn fetch<D: Dialer>(
         }
     }
     let mut failures: BTreeMap<PeerId, u32> = BTreeMap::new();
-    // Peers that announced the blob but keep answering that they do not hold it (deleted or
-    // evicted since): their stale announcements are ignored for the rest of this fetch, so a
-    // seeder is no longer asked to leave pieces to them.
+    // Peers that will not pass pieces on: they announced the blob, or a seeder sent pieces to
+    // them, but they answer that they do not hold it (deleted or evicted since) or cannot be
+    // reached; or they sent bad data. Their announcements are ignored for the rest of this
+    // fetch, and a seeder is no longer asked to leave pieces to them.
     let mut gone: BTreeSet<PeerId> = BTreeSet::new();
     // Pieces a seeder deferred, and the fetcher it sent each to; those fetchers are asked
     // every tick what they hold. One found holding nothing (it deleted the blob, or is gone)
@@ -705,10 +706,12 @@ pub async fn fetch<D: Dialer>(
     let mut ticks: u64 = 0;
     let mut done_bytes = report.resumed_bytes;
     while !picker.is_complete() {
-        // With no peer left that may come to hold pieces, requests insist (below), so a
-        // deferral from before (to a peer since found empty, hinted or not) must not keep its
-        // pieces from being asked for again.
-        if watching.is_empty() {
+        // With one provider left and no peer that may come to hold pieces, requests insist
+        // (below), so a deferral from before (to a peer since found empty, hinted or not) must
+        // not keep its pieces from being asked for again. With another provider that holds
+        // them, a seeder may still send us there.
+        let insist = watching.is_empty() && live.len() <= 1;
+        if insist {
             picker.forget_deferrals();
         }
         for peer in live.clone() {
@@ -716,9 +719,8 @@ pub async fn fetch<D: Dialer>(
                 let Some(piece) = picker.next(&peer) else {
                     break;
                 };
-                // With no peer that may come to hold pieces, a seeder must not send us
-                // elsewhere; nor to the fetcher it sent us to for this piece, found empty.
-                let insist = watching.is_empty();
+                // Nor may a seeder send us to the fetcher it sent us to for this piece before,
+                // found empty.
                 let found_empty = deferred_to
                     .get(&piece)
                     .copied()
@@ -761,13 +763,14 @@ pub async fn fetch<D: Dialer>(
                 Waited::Piece(peer, piece, Outcome::Bad(reason)) => {
                     tracing::warn!(%peer, %hash, piece, %reason, "provider sent bad data: dropped");
                     report.dropped.insert(peer);
+                    gone.insert(peer);
                     live.remove(&peer);
                     watching.remove(&peer);
                     picker.remove_provider(&peer);
                 }
                 Waited::Piece(peer, piece, Outcome::Deferred(to)) => {
                     deferred_to.insert(piece, to);
-                    if gone.contains(&to) || report.dropped.contains(&to) {
+                    if gone.contains(&to) {
                         // Asked for again at once, naming `to` as found empty.
                         picker.failed(&peer, piece);
                     } else {
@@ -836,7 +839,7 @@ pub async fn fetch<D: Dialer>(
                 let hinted: BTreeSet<PeerId> = dialer
                     .hinted(&hash)
                     .into_iter()
-                    .filter(|p| !report.dropped.contains(p) && !gone.contains(p))
+                    .filter(|p| !gone.contains(p))
                     .collect();
                 watching.extend(hinted.iter().filter(|p| !live.contains(p)));
                 let due: Vec<PeerId> = watching
@@ -1202,15 +1205,14 @@ mod tests {
     }
 
     /// Two fetchers start together just after a third fetched the whole blob from the seeder
-    /// and then deleted it (or vanished): the seeder sends them to the third for every piece.
-    /// Each sees the other fetching, so neither is out of peers to ask; they must find the
-    /// third empty and insist at once, not wait out the seeder's window (they did: 10 s for
-    /// a blob of 16 MiB in the transfer benchmark), and still trade, not both take the blob
-    /// from the seeder.
+    /// and then deleted it, vanished, or turned to serving bad data: the seeder sends them to
+    /// the third for every piece. Each sees the other fetching, so neither is out of peers to
+    /// ask; they must find the third useless and ask the seeder again at once, not wait out
+    /// the seeder's window (they did: 10 s for a blob of 16 MiB in the transfer benchmark),
+    /// and still trade, not both take the blob from the seeder.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn fetchers_sent_to_a_peer_that_deleted_the_blob_or_vanished_do_not_wait_out_the_window()
-    {
-        for vanished in [false, true] {
+    async fn fetchers_sent_to_a_peer_that_cannot_pass_pieces_on_do_not_wait_out_the_window() {
+        for third_is in ["emptied", "vanished", "corrupting"] {
             let bytes = data(8 * PIECE_BYTES as usize, 11);
             let (seed, hash) = seeded(&bytes);
             let dialer = MemDialer::default();
@@ -1228,8 +1230,14 @@ mod tests {
             .await
             .unwrap();
             let emptied = TestStore::new(None);
-            if !vanished {
-                dialer.add(third, emptied.store.clone(), Behaviour::Honest);
+            match third_is {
+                "emptied" => {
+                    dialer.add(third, emptied.store.clone(), Behaviour::Honest);
+                }
+                "corrupting" => {
+                    dialer.add(third, theirs.store.clone(), Behaviour::Corrupting);
+                }
+                _ => {} // vanished: not reachable at all
             }
             let before = seeder_stats.uploaded.load(Ordering::SeqCst);
             let fetchers = [
@@ -1255,13 +1263,14 @@ mod tests {
             }
             assert!(
                 took < SEED_WINDOW / 2,
-                "took {took:?} (vanished: {vanished}): the fetchers waited out the window"
+                "took {took:?} (third {third_is}): the fetchers waited out the window"
             );
             let factor =
                 (seeder_stats.uploaded.load(Ordering::SeqCst) - before) as f64 / bytes.len() as f64;
+            // 1.00 in every run here; two pieces of eight spare for end-game duplicates.
             assert!(
-                factor <= 1.5,
-                "the seeder uploaded {factor:.2}× the blob to the two (vanished: {vanished})"
+                factor <= 1.25,
+                "the seeder uploaded {factor:.2}× the blob to the two (third {third_is})"
             );
         }
     }
