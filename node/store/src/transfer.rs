@@ -1204,6 +1204,49 @@ mod tests {
         assert!(factor <= 1.5, "the seeder uploaded {factor:.2}× the blob");
     }
 
+    /// A seeder of a blob of `pieces` pieces, and `other`, which has just fetched all of it
+    /// from the seeder: within its window, the seeder sends further fetchers to `other`.
+    struct FetchedFromSeeder {
+        bytes: Vec<u8>,
+        hash: BlobHash,
+        dialer: MemDialer,
+        seeder: PeerId,
+        seeder_stats: Arc<Provider>,
+        other: PeerId,
+        /// `other`'s copy (not yet a provider: add it as one, or an emptied store, or none).
+        theirs: TestStore,
+        _seed: TestStore,
+    }
+
+    async fn fetched_from_seeder(pieces: usize, data_seed: u64) -> FetchedFromSeeder {
+        let bytes = data(pieces * PIECE_BYTES as usize, data_seed);
+        let (seed, hash) = seeded(&bytes);
+        let dialer = MemDialer::default();
+        let (seeder, other) = (PeerId::random(), PeerId::random());
+        let seeder_stats = dialer.add(seeder, seed.store.clone(), Behaviour::Honest);
+        let theirs = TestStore::new(None);
+        fetch(
+            &theirs.store,
+            Arc::new(dialer.as_peer(other)),
+            hash,
+            &[seeder],
+            2,
+            |_| {},
+        )
+        .await
+        .unwrap();
+        FetchedFromSeeder {
+            bytes,
+            hash,
+            dialer,
+            seeder,
+            seeder_stats,
+            other,
+            theirs,
+            _seed: seed,
+        }
+    }
+
     /// Two fetchers start together just after a third fetched the whole blob from the seeder
     /// and then deleted it, vanished, or turned to serving bad data: the seeder sends them to
     /// the third for every piece. Each sees the other fetching, so neither is out of peers to
@@ -1213,22 +1256,16 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn fetchers_sent_to_a_peer_that_cannot_pass_pieces_on_do_not_wait_out_the_window() {
         for third_is in ["emptied", "vanished", "corrupting"] {
-            let bytes = data(8 * PIECE_BYTES as usize, 11);
-            let (seed, hash) = seeded(&bytes);
-            let dialer = MemDialer::default();
-            let (seeder, third) = (PeerId::random(), PeerId::random());
-            let seeder_stats = dialer.add(seeder, seed.store.clone(), Behaviour::Honest);
-            let theirs = TestStore::new(None);
-            fetch(
-                &theirs.store,
-                Arc::new(dialer.as_peer(third)),
+            let FetchedFromSeeder {
+                bytes,
                 hash,
-                &[seeder],
-                2,
-                |_| {},
-            )
-            .await
-            .unwrap();
+                dialer,
+                seeder,
+                seeder_stats,
+                other: third,
+                theirs,
+                _seed,
+            } = fetched_from_seeder(8, 11).await;
             let emptied = TestStore::new(None);
             match third_is {
                 "emptied" => {
@@ -1353,23 +1390,16 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_that_announced_a_blob_and_deleted_it_does_not_stall_the_fetch() {
-        let bytes = data(3 * PIECE_BYTES as usize, 9);
-        let (seed, hash) = seeded(&bytes);
-        let dialer = MemDialer::default();
-        let (seeder, other) = (PeerId::random(), PeerId::random());
-        dialer.add(seeder, seed.store.clone(), Behaviour::Honest);
         // `other` fetches the whole blob from the seeder, announces it, then deletes it.
-        let theirs = TestStore::new(None);
-        fetch(
-            &theirs.store,
-            Arc::new(dialer.as_peer(other)),
+        let FetchedFromSeeder {
+            bytes,
             hash,
-            &[seeder],
-            2,
-            |_| {},
-        )
-        .await
-        .unwrap();
+            dialer,
+            seeder,
+            other,
+            _seed,
+            ..
+        } = fetched_from_seeder(3, 9).await;
         let emptied = TestStore::new(None);
         dialer.add(other, emptied.store.clone(), Behaviour::Honest);
         // Within its seeding window the seeder would send us to `other`, which answers that
@@ -1391,24 +1421,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_seeder_deferring_to_a_peer_that_deleted_the_blob_still_serves_the_fetch() {
-        let bytes = data(3 * PIECE_BYTES as usize, 10);
-        let (seed, hash) = seeded(&bytes);
-        let dialer = MemDialer::default();
-        let (seeder, other, third) = (PeerId::random(), PeerId::random(), PeerId::random());
-        dialer.add(seeder, seed.store.clone(), Behaviour::Honest);
         // `third` fetched the blob from the seeder and deleted it: within its seeding window
         // the seeder sends further fetchers of those pieces elsewhere.
-        let theirs = TestStore::new(None);
-        fetch(
-            &theirs.store,
-            Arc::new(dialer.as_peer(third)),
+        let FetchedFromSeeder {
+            bytes,
             hash,
-            &[seeder],
-            2,
-            |_| {},
-        )
-        .await
-        .unwrap();
+            dialer,
+            seeder,
+            _seed,
+            ..
+        } = fetched_from_seeder(3, 10).await;
+        let other = PeerId::random();
         // `other`, a peer this fetch was told may hold it (not announced: no hint), holds
         // nothing. Once it has answered so a few times, the seeder must be asked to insist.
         let empty = TestStore::new(None);
